@@ -1,0 +1,110 @@
+"""Settings read from ``kv_connector_extra_config``.
+
+Our keys are validated strictly: a key that is neither ours nor one vLLM's
+NIXL connector reads is an error naming the key and the valid choices. vLLM's
+keys pass through untouched for its NixlConnector code to read.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# Keys vLLM 0.32's NIXL connector reads from kv_connector_extra_config
+# (grep get_from_extra_config in vllm/distributed/kv_transfer/kv_connector/v1/nixl).
+VLLM_NIXL_KEYS: frozenset[str] = frozenset(
+    {
+        "backends",
+        "bidirectional_kv_xfer",
+        "decoder_kv_blocks_ttl",
+        "enforce_handshake_compat",
+        "engine_ttl",
+        "kv_lease_duration",
+        "kv_recompute_threshold",
+        "num_threads",
+        "push_registration_timeout",
+    }
+)
+
+
+class AllocatorChoice(enum.Enum):
+    AUTO = "auto"  # work out from the KV tensors themselves
+    VMM = "vmm"  # the project's VMM allocator
+    STATIC = "static"  # vLLM's own static buffer: behave exactly like NixlConnector
+
+
+class TransferPath(enum.Enum):
+    AUTO = "auto"  # direct unless the memory cannot be exported to the transport
+    DIRECT = "direct"
+    STAGED = "staged"
+
+
+_DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ElasticNixlSettings:
+    allocator: AllocatorChoice = AllocatorChoice.AUTO
+    # Virtual capacity in blocks for the VMM allocator; None = 4x the physical
+    # budget vLLM computed.
+    virtual_blocks: int | None = None
+    # Physical allocation unit: also the NIXL registration unit.
+    chunk_bytes: int = _DEFAULT_CHUNK_BYTES
+    transfer_path: TransferPath = TransferPath.AUTO
+
+    @classmethod
+    def from_extra_config(cls, extra: Mapping[str, Any] | None) -> ElasticNixlSettings:
+        extra = dict(extra or {})
+        ours = {k: v for k, v in extra.items() if k not in VLLM_NIXL_KEYS}
+        known = {
+            "allocator",
+            "virtual_blocks",
+            "chunk_bytes",
+            "transfer_path",
+        }
+        unknown = sorted(set(ours) - known)
+        if unknown:
+            raise ValueError(
+                f"kv_connector_extra_config: unknown key(s) {unknown} for "
+                f"ElasticNixlConnector; valid keys are {sorted(known)} plus "
+                f"vLLM's NIXL keys {sorted(VLLM_NIXL_KEYS)}"
+            )
+        kwargs: dict[str, Any] = {}
+        if "allocator" in ours:
+            kwargs["allocator"] = _enum_value(AllocatorChoice, "allocator", ours)
+        if "transfer_path" in ours:
+            kwargs["transfer_path"] = _enum_value(TransferPath, "transfer_path", ours)
+        if "virtual_blocks" in ours and ours["virtual_blocks"] is not None:
+            kwargs["virtual_blocks"] = _positive_int("virtual_blocks", ours)
+        if "chunk_bytes" in ours:
+            chunk = _positive_int("chunk_bytes", ours)
+            if chunk % 4096:
+                raise ValueError(
+                    "kv_connector_extra_config['chunk_bytes'] must be a multiple of "
+                    f"4096 (the host page size), got {chunk}"
+                )
+            kwargs["chunk_bytes"] = chunk
+        return cls(**kwargs)
+
+
+def _enum_value(enum_cls: type[enum.Enum], key: str, ours: Mapping[str, Any]) -> Any:
+    raw = ours[key]
+    choices = [member.value for member in enum_cls]
+    if not isinstance(raw, str) or raw.lower() not in choices:
+        raise ValueError(
+            f"kv_connector_extra_config[{key!r}] = {raw!r} is not valid; "
+            f"choose one of {choices}"
+        )
+    return enum_cls(raw.lower())
+
+
+def _positive_int(key: str, ours: Mapping[str, Any]) -> int:
+    raw = ours[key]
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw <= 0:
+        raise ValueError(
+            f"kv_connector_extra_config[{key!r}] must be a positive integer, "
+            f"got {raw!r}"
+        )
+    return raw

@@ -1,0 +1,94 @@
+"""ElasticNixlConnector: vLLM's NixlConnector for elastic KV memory.
+
+A thin facade, like vLLM's own: it picks the scheduler and worker classes and
+forwards; the work is in :mod:`.worker`, :mod:`.scheduler` and :mod:`.planning`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import (
+    NixlBaseConnector,
+    NixlPullConnector,
+)
+from vllm.logger import init_logger
+
+from elastic_nixl.allocator.core import VmmKVAllocator
+from elastic_nixl.config import AllocatorChoice, ElasticNixlSettings
+from elastic_nixl.connector.planning import choose_kv_layout
+from elastic_nixl.connector.scheduler import ElasticNixlConnectorScheduler
+from elastic_nixl.connector.worker import ElasticNixlConnectorWorker
+from elastic_nixl.versions import check_vllm_version
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+check_vllm_version()
+logger = init_logger(__name__)
+
+
+def settings_of(vllm_config: VllmConfig) -> ElasticNixlSettings:
+    ktc = vllm_config.kv_transfer_config
+    return ElasticNixlSettings.from_extra_config(
+        ktc.kv_connector_extra_config if ktc is not None else None
+    )
+
+
+class ElasticNixlConnector(NixlPullConnector):
+    """Pull (READ) NIXL connector that registers only mapped KV memory."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig,
+        nixl_agent: Any | None = None,
+    ) -> None:
+        self.settings = settings_of(vllm_config)
+        # NixlPullConnector.__init__ would build vLLM's scheduler/worker (and a
+        # NIXL agent); build ours instead on top of the shared base.
+        NixlBaseConnector.__init__(self, vllm_config, role, kv_cache_config)
+        if role == KVConnectorRole.SCHEDULER:
+            self.connector_scheduler = ElasticNixlConnectorScheduler(
+                vllm_config, self.engine_id, kv_cache_config
+            )
+        elif role == KVConnectorRole.WORKER:
+            self.connector_worker = ElasticNixlConnectorWorker(
+                vllm_config,
+                self.engine_id,
+                kv_cache_config,
+                self.settings,
+                nixl_agent=nixl_agent,
+            )
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        if vllm_config.model_config is None:
+            return None
+        settings = settings_of(vllm_config)
+        caps = (
+            VmmKVAllocator.CAPABILITIES
+            if settings.allocator is AllocatorChoice.VMM
+            else None
+        )
+        layout = choose_kv_layout(
+            settings.allocator, vllm_config.model_config.use_mla, caps
+        )
+        logger.info_once(
+            "ElasticNixlConnector: KV cache layout %s for allocator=%s",
+            layout,
+            settings.allocator.value,
+        )
+        return layout
+
+    def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        worker = self.connector_worker
+        if isinstance(worker, ElasticNixlConnectorWorker):
+            return worker.build_worker_meta()
+        return None

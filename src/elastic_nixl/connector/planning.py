@@ -1,0 +1,291 @@
+"""Pure planning: which layout, what to register, which descriptors a read needs.
+
+Plain functions over plain data (ints, tuples, numpy arrays). Nothing here
+imports vLLM or NIXL, so all of it is tested without either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from elastic_nixl.capabilities import DEFAULT_KV_LAYOUT, KVMemoryCapabilities
+from elastic_nixl.config import AllocatorChoice
+
+# vLLM's NixlConnector asks for this layout (its old name: HND).
+VLLM_NIXL_PREFERRED_LAYOUT = "LBHNC"
+
+
+# --------------------------------------------------------------------------
+# Layout
+# --------------------------------------------------------------------------
+
+
+def choose_kv_layout(
+    allocator: AllocatorChoice,
+    use_mla: bool,
+    capabilities: KVMemoryCapabilities | None,
+) -> str | None:
+    """The layout ElasticNixlConnector asks vLLM for.
+
+    ``None`` for MLA (layout does not matter; vLLM's default), vLLM's own
+    preference for the static buffer and for allocators that can produce it,
+    and the non-restrided default (``LBNHC``, the old NHD) when the memory
+    behind the tensors is not known at config time (``auto``: a foreign
+    allocator such as kvcached cannot re-stride its tensors) or the allocator
+    says it cannot produce the preferred one.
+    """
+    if use_mla:
+        return None
+    if allocator is AllocatorChoice.STATIC:
+        return VLLM_NIXL_PREFERRED_LAYOUT
+    if capabilities is None:
+        return DEFAULT_KV_LAYOUT
+    if capabilities.can_restride and VLLM_NIXL_PREFERRED_LAYOUT in capabilities.layouts:
+        return VLLM_NIXL_PREFERRED_LAYOUT
+    if DEFAULT_KV_LAYOUT in capabilities.layouts:
+        return DEFAULT_KV_LAYOUT
+    return sorted(capabilities.layouts)[0]
+
+
+# --------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------
+
+Span = tuple[int, int]  # (base, nbytes)
+
+
+@dataclass(frozen=True)
+class RegistrationPlan:
+    """What to change in NIXL so that exactly ``desired`` is registered."""
+
+    register: tuple[Span, ...]
+    deregister: tuple[Span, ...]
+
+    @property
+    def is_noop(self) -> bool:
+        return not self.register and not self.deregister
+
+
+def plan_registration(
+    registered: Iterable[Span], desired: Iterable[Span]
+) -> RegistrationPlan:
+    """Diff registered extents against the desired set.
+
+    Desired extents are deduplicated (many layer tensors share one backing
+    allocation); overlapping distinct extents are a bug in the memory
+    description and are refused rather than registered twice.
+    """
+    want = sorted(set(desired))
+    for (base_a, len_a), (base_b, _) in zip(want, want[1:], strict=False):
+        if base_a + len_a > base_b:
+            raise ValueError(
+                f"extents overlap: [{base_a:#x}, +{len_a}) and [{base_b:#x}, ...): "
+                "each byte must be registered exactly once"
+            )
+    have = set(registered)
+    want_set = set(want)
+    return RegistrationPlan(
+        register=tuple(s for s in want if s not in have),
+        deregister=tuple(sorted(have - want_set)),
+    )
+
+
+def coverage_spans(extents: Iterable[Span]) -> list[Span]:
+    """Merge abutting extents into maximal contiguous spans."""
+    spans: list[Span] = []
+    for base, nbytes in sorted(extents):
+        if spans and spans[-1][0] + spans[-1][1] == base:
+            spans[-1] = (spans[-1][0], spans[-1][1] + nbytes)
+        else:
+            spans.append((base, nbytes))
+    return spans
+
+
+# --------------------------------------------------------------------------
+# Descriptors for one read
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RegionGeometry:
+    """One transfer region: block ``b`` is ``[base + b*block_stride, +block_len)``."""
+
+    base: int
+    block_len: int
+    block_stride: int
+
+    def __post_init__(self) -> None:
+        if self.block_len <= 0 or self.block_stride < self.block_len:
+            raise ValueError(
+                f"region at {self.base:#x}: block_len={self.block_len} "
+                f"block_stride={self.block_stride} is not a valid geometry"
+            )
+
+
+class DescriptorPlanError(ValueError):
+    """A read would touch memory outside what a side has registered."""
+
+    def __init__(self, side: str, region: int, block_ids: Sequence[int]) -> None:
+        self.side = side
+        self.region = region
+        self.block_ids = tuple(block_ids)
+        shown = list(self.block_ids[:8])
+        more = f" (+{len(self.block_ids) - 8} more)" if len(self.block_ids) > 8 else ""
+        super().__init__(
+            f"{side} block(s) {shown}{more} of region {region} lie outside the "
+            f"memory the {side} side registered"
+        )
+
+
+@dataclass(frozen=True)
+class ExtentIndex:
+    """Registered extents of one side, searchable by address."""
+
+    bases: np.ndarray  # sorted uint64 extent starts
+    ends: np.ndarray  # matching extent ends
+    cover_bases: np.ndarray  # merged contiguous coverage
+    cover_ends: np.ndarray
+
+    @classmethod
+    def build(cls, extents: Iterable[Span]) -> ExtentIndex:
+        ext = sorted(extents)
+        cover = coverage_spans(ext)
+        return cls(
+            bases=np.array([b for b, _ in ext], dtype=np.int64),
+            ends=np.array([b + n for b, n in ext], dtype=np.int64),
+            cover_bases=np.array([b for b, _ in cover], dtype=np.int64),
+            cover_ends=np.array([b + n for b, n in cover], dtype=np.int64),
+        )
+
+    def uncovered(self, addrs: np.ndarray, length: int) -> np.ndarray:
+        """Mask of ``[addr, addr+length)`` ranges not inside registered memory."""
+        if len(self.cover_bases) == 0:
+            return np.ones(len(addrs), dtype=bool)
+        idx = np.searchsorted(self.cover_bases, addrs, side="right") - 1
+        ok = idx >= 0
+        safe = np.where(ok, idx, 0)
+        ok &= addrs + length <= self.cover_ends[safe]
+        return ~ok
+
+    def next_boundary(self, addr: int) -> int:
+        """End of the single registration that contains ``addr``."""
+        i = int(np.searchsorted(self.bases, addr, side="right")) - 1
+        return int(self.ends[i])
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """Matched descriptor rows ``(addr, len, device)`` for local and remote."""
+
+    local: np.ndarray
+    remote: np.ndarray
+    num_blocks: int
+
+    @property
+    def num_descs(self) -> int:
+        return int(self.local.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.local[:, 1].sum()) if self.num_descs else 0
+
+
+def _runs(ids_a: np.ndarray, ids_b: np.ndarray, contiguous: bool) -> list[slice]:
+    """Split positions into runs where both id sequences step by one."""
+    n = len(ids_a)
+    if n == 0:
+        return []
+    if not contiguous:
+        return [slice(i, i + 1) for i in range(n)]
+    breaks = np.nonzero((np.diff(ids_a) != 1) | (np.diff(ids_b) != 1))[0] + 1
+    edges = [0, *breaks.tolist(), n]
+    return [slice(s, e) for s, e in zip(edges, edges[1:], strict=False)]
+
+
+def plan_read(
+    local_regions: Sequence[RegionGeometry],
+    remote_regions: Sequence[RegionGeometry],
+    local_block_ids: Sequence[Sequence[int]],
+    remote_block_ids: Sequence[Sequence[int]],
+    local_extents: ExtentIndex,
+    remote_extents: ExtentIndex,
+    local_device: int = 0,
+    remote_device: int = 0,
+) -> ReadPlan:
+    """Descriptors that copy remote blocks into local blocks, region by region.
+
+    ``*_block_ids[i]`` are the block ids of region ``i``. Runs of blocks that
+    are consecutive on both sides and densely packed (``stride == len``)
+    become one descriptor; descriptors are cut where a registration ends so
+    each lies inside one registered extent, as NIXL requires. A block outside
+    registered memory on either side raises :class:`DescriptorPlanError`
+    naming it, so nothing is posted.
+    """
+    if len(local_regions) != len(remote_regions):
+        raise ValueError(
+            f"region count differs: local {len(local_regions)}, "
+            f"remote {len(remote_regions)}"
+        )
+    local_rows: list[tuple[int, int]] = []
+    remote_rows: list[tuple[int, int]] = []
+    total_blocks = 0
+    for i, (lg, rg) in enumerate(zip(local_regions, remote_regions, strict=True)):
+        lids = np.asarray(local_block_ids[i], dtype=np.int64)
+        rids = np.asarray(remote_block_ids[i], dtype=np.int64)
+        if len(lids) != len(rids):
+            raise ValueError(
+                f"region {i}: {len(lids)} local blocks vs {len(rids)} remote blocks"
+            )
+        if lg.block_len != rg.block_len:
+            raise ValueError(
+                f"region {i}: local block_len {lg.block_len} != remote {rg.block_len}"
+            )
+        if len(lids) == 0:
+            continue
+        for side, ids in (("local", lids), ("remote", rids)):
+            if (ids < 0).any():
+                raise DescriptorPlanError(side, i, ids[ids < 0].tolist())
+        laddr = lg.base + lids * lg.block_stride
+        raddr = rg.base + rids * rg.block_stride
+        for side, addrs, ids, index in (
+            ("local", laddr, lids, local_extents),
+            ("remote", raddr, rids, remote_extents),
+        ):
+            bad = index.uncovered(addrs, lg.block_len)
+            if bad.any():
+                raise DescriptorPlanError(side, i, ids[bad].tolist())
+        total_blocks += len(lids)
+        dense = lg.block_stride == lg.block_len and rg.block_stride == rg.block_len
+        for run in _runs(lids, rids, dense):
+            lo = int(laddr[run.start])
+            ro = int(raddr[run.start])
+            remaining = (run.stop - run.start) * lg.block_len
+            while remaining > 0:
+                cut = min(
+                    remaining,
+                    local_extents.next_boundary(lo) - lo,
+                    remote_extents.next_boundary(ro) - ro,
+                )
+                local_rows.append((lo, cut))
+                remote_rows.append((ro, cut))
+                lo += cut
+                ro += cut
+                remaining -= cut
+    return ReadPlan(
+        local=_rows(local_rows, local_device),
+        remote=_rows(remote_rows, remote_device),
+        num_blocks=total_blocks,
+    )
+
+
+def _rows(rows: list[tuple[int, int]], device: int) -> np.ndarray:
+    out = np.empty((len(rows), 3), dtype=np.uint64)
+    if rows:
+        arr = np.asarray(rows, dtype=np.uint64)
+        out[:, 0] = arr[:, 0]
+        out[:, 1] = arr[:, 1]
+        out[:, 2] = device
+    return out

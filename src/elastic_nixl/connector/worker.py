@@ -1,0 +1,852 @@
+"""Worker side of ElasticNixlConnector.
+
+Subclasses vLLM's ``NixlPullConnectorWorker`` and overrides only where elastic
+memory changes the answer:
+
+* ``register_kv_caches``: static memory goes to vLLM unchanged; elastic
+  memory registers each mapped extent once and follows mapping events;
+* ``_nixl_handshake`` / ``add_remote_agent``: also read what an elastic peer
+  registered, and skip prepping one descriptor per remote block;
+* ``_read_blocks_for_req`` / ``_read_blocks``: refresh stale peer metadata,
+  then build the descriptors of one request from its block ids, coalesced;
+* ``start_load_kv`` / ``get_transfer_results``: pin blocks while peers read
+  them (leases), release when done.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import numpy as np
+import torch
+import zmq
+from vllm.distributed.kv_transfer.kv_connector.utils import (
+    EngineId,
+    EngineTransferInfo,
+    TransferTopology,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorTransferResults,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import (
+    GET_META_MSG,
+    NixlAgentMetadata,
+    NixlConnectorMetadata,
+    NixlHandshakePayload,
+    ReqMeta,
+    compute_nixl_compatibility_hash,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import (
+    NixlPullConnectorWorker,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.tp_mapping import (
+    ReadSpec,
+    compute_tp_mapping,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.utils import zmq_ctx
+from vllm.logger import init_logger
+from vllm.utils.network_utils import make_zmq_path
+from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec, MLAAttentionSpec
+
+from elastic_nixl.capabilities import (
+    KVMemory,
+    KVMemoryError,
+    Lease,
+    MappingEvent,
+    MappingEventKind,
+    MappingStability,
+    MemoryKind,
+)
+from elastic_nixl.config import ElasticNixlSettings
+from elastic_nixl.connector.metadata import (
+    ElasticAgentMetadata,
+    ElasticConnectorMetadata,
+    ElasticWorkerMetadata,
+    decode_agent_metadata,
+)
+from elastic_nixl.connector.planning import (
+    DescriptorPlanError,
+    ExtentIndex,
+    RegionGeometry,
+    Span,
+    coverage_spans,
+    plan_read,
+    plan_registration,
+)
+from elastic_nixl.connector.regions import (
+    SHARED_GROUP,
+    LayerView,
+    Region,
+    block_spans,
+    mapped_prefix_blocks,
+    plan_regions,
+)
+from elastic_nixl.guards import check_expandable_segments
+from elastic_nixl.memory import resolve_kv_memory
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+logger = init_logger(__name__)
+
+# Stands in the handle tables vLLM indexes for peers whose descriptors we
+# build per request: nothing is prepped, so nothing is released.
+PER_REQUEST_HANDLE = -1
+_HANDSHAKE_TIMEOUT_MS = 5000
+
+
+@dataclass
+class ElasticStats:
+    """Counters the demo, the bench and the tests read."""
+
+    registrations: int = 0
+    deregistrations: int = 0
+    registered_bytes: int = 0
+    refreshes: int = 0
+    reads_posted: int = 0
+    descriptors_posted: int = 0
+    blocks_read: int = 0
+    bytes_read: int = 0
+    refused_reads: int = 0
+
+
+@dataclass
+class PeerView:
+    """What we know of one remote rank's memory."""
+
+    agent_name: str
+    regions: list[RegionGeometry]
+    device_id: int
+    elastic: bool
+    epoch: int
+    extents: ExtentIndex
+    host: str = ""
+    port: int = 0
+    refreshed_for: set[str] = field(default_factory=set)
+
+    @classmethod
+    def from_metadata(
+        cls, meta: NixlAgentMetadata, agent_name: str, host: str, port: int
+    ) -> PeerView:
+        regions = [
+            RegionGeometry(base, block_len, stride)
+            for base, block_len, stride in zip(
+                meta.kv_caches_base_addr, meta.block_lens, meta.block_strides, strict=True
+            )
+        ]
+        ext = meta if isinstance(meta, ElasticAgentMetadata) else None
+        if ext is not None and ext.registered_extents is not None:
+            extents = [(int(b), int(n)) for b, n in ext.registered_extents]
+            elastic = True
+            epoch = ext.elastic_epoch or 0
+        else:
+            # A vanilla peer registered whole storages; the blocks it advertised
+            # are what it promises to be readable.
+            counts = meta.region_num_blocks or [meta.num_blocks] * len(regions)
+            extents = sorted(
+                {(g.base, n * g.block_stride) for g, n in zip(regions, counts, strict=True) if n}
+            )
+            elastic = False
+            epoch = 0
+        return cls(
+            agent_name=agent_name,
+            regions=regions,
+            device_id=meta.device_id,
+            elastic=elastic,
+            epoch=epoch,
+            extents=ExtentIndex.build(_merge_overlaps(extents)),
+            host=host,
+            port=port,
+        )
+
+
+def _merge_overlaps(spans: list[Span]) -> list[Span]:
+    out: list[Span] = []
+    for base, n in sorted(spans):
+        if out and base < out[-1][0] + out[-1][1]:
+            end = max(out[-1][0] + out[-1][1], base + n)
+            out[-1] = (out[-1][0], end - out[-1][0])
+        else:
+            out.append((base, n))
+    return out
+
+
+def fetch_handshake(host: str, port: int, pp_rank: int, tp_rank: int) -> bytes:
+    """One GET_META round trip on vLLM's NIXL side channel."""
+    path = make_zmq_path("tcp", host, port)
+    with zmq_ctx(zmq.REQ, path) as sock:
+        sock.setsockopt(zmq.RCVTIMEO, _HANDSHAKE_TIMEOUT_MS)
+        sock.send(msgspec.msgpack.encode((GET_META_MSG, pp_rank, tp_rank)))
+        parts = sock.recv_multipart()
+    if len(parts) != 2:
+        raise ValueError(
+            f"NIXL side channel {host}:{port} answered {len(parts)} frames, expected 2"
+        )
+    return bytes(parts[0])
+
+
+class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
+    """NixlPullConnectorWorker for KV memory that grows and shrinks."""
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        engine_id: str,
+        kv_cache_config: KVCacheConfig,
+        settings: ElasticNixlSettings,
+        nixl_agent: Any | None = None,
+    ) -> None:
+        super().__init__(vllm_config, engine_id, kv_cache_config)
+        if nixl_agent is not None:
+            # Tests hand in a mock agent; vLLM made a real one above.
+            self.nixl_wrapper = nixl_agent
+        self.settings = settings
+        self.memory: KVMemory | None = None
+        self.elastic = False
+        self.elastic_stats = ElasticStats()
+        self._regions: list[Region] = []
+        self._registered: dict[Span, Any] = {}
+        self._reg_lock = threading.RLock()
+        self._unsubscribe: Callable[[], None] | None = None
+        self._reported_epoch = -1
+        self._peer_lock = threading.Lock()
+        self._peers: dict[tuple[EngineId, int], PeerView] = {}
+        self._fetched: dict[tuple[EngineId, int], tuple[ElasticAgentMetadata, str, int]] = {}
+        self._required_epochs: dict[str, int] = {}
+        self._send_leases: dict[str, Lease] = {}
+        self._recv_leases: dict[str, Lease] = {}
+
+    # ------------------------------------------------------------------
+    # Registration
+    # ------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        views = self._layer_views(kv_caches)
+        regions = plan_regions(views)
+        memory = resolve_kv_memory(
+            kv_caches,
+            self.settings.allocator,
+            self.num_blocks,
+            block_spans=lambda b: block_spans(regions, b),
+            num_virtual_blocks=min(v.num_blocks for v in views),
+        )
+        self.memory = memory
+        self._regions = regions
+        if memory.capabilities.stability is MappingStability.STATIC:
+            if memory.capabilities.memory_kind is MemoryKind.CUDA:
+                check_expandable_segments()
+            logger.info("ElasticNixlConnector: static KV memory, vLLM registration")
+            super().register_kv_caches(kv_caches)
+            return
+        self._register_elastic(kv_caches, memory, regions)
+
+    def _layer_views(self, kv_caches: dict[str, torch.Tensor]) -> list[LayerView]:
+        views = []
+        for name, cache in kv_caches.items():
+            spec = self._layer_specs.get(name)
+            if spec is None:
+                continue  # vLLM skips layers that share another layer's cache
+            if isinstance(spec, MambaSpec) or not isinstance(spec, AttentionSpec):
+                raise NotImplementedError(
+                    f"ElasticNixlConnector supports attention KV caches on elastic "
+                    f"memory; layer {name} has {type(spec).__name__}. Use "
+                    "kv_connector_extra_config {'allocator': 'static'}."
+                )
+            if cache.ndim < 2:
+                raise NotImplementedError(
+                    f"layer {name}: flat KV views (shared HMA buffers) are not "
+                    "supported on elastic memory"
+                )
+            views.append(
+                LayerView(
+                    name=name,
+                    data_ptr=cache.data_ptr(),
+                    num_blocks=int(cache.shape[0]),
+                    block_stride=cache.stride(0) * cache.element_size(),
+                    page_bytes=spec.page_size_bytes
+                    // self._physical_blocks_per_logical_kv_block,
+                    group_id=self.kv_cache_config.transfer_group_index_by_layer[name],
+                    is_mla=isinstance(spec, MLAAttentionSpec),
+                )
+            )
+        if not views:
+            raise KVMemoryError("no attention KV cache layers to register")
+        return views
+
+    def _check_elastic_supported(self) -> None:
+        unsupported = {
+            "kv_buffer_device='cpu' staging on a GPU": self.use_host_buffer,
+            "pipeline_parallel_size > 1": self.pp_size > 1,
+            "prefill/decode context parallelism": self.pcp_size > 1 or self.dcp_size > 1,
+            "kernel block size != block_size": self._physical_blocks_per_logical_kv_block
+            != 1,
+        }
+        for what, present in unsupported.items():
+            if present:
+                raise NotImplementedError(
+                    f"ElasticNixlConnector on elastic memory does not support {what}; "
+                    "use kv_connector_extra_config {'allocator': 'static'}"
+                )
+
+    def _register_elastic(
+        self,
+        kv_caches: dict[str, torch.Tensor],
+        memory: KVMemory,
+        regions: list[Region],
+    ) -> None:
+        self._check_elastic_supported()
+        self.elastic = True
+        first = next(iter(kv_caches.values()))
+        self.transfer_topo = TransferTopology(
+            tp_rank=self.transfer_tp_rank,
+            tp_size=self.transfer_tp_size,
+            block_size=self.block_size,
+            engine_id=self.engine_id,
+            is_mla=self.use_mla,
+            total_num_kv_heads=1
+            if self.use_mla
+            else self.model_config.get_total_num_kv_heads(),
+            attn_backends=self.attn_backends,
+            dcp_size=self.dcp_size,
+            tensor_shape=first.shape,
+            is_mamba=False,
+        )
+        self.compat_hash = compute_nixl_compatibility_hash(
+            self.vllm_config, self.backend_name, transfer_mode=self._TRANSFER_MODE
+        )
+        mem_type = memory.capabilities.memory_kind.nixl_mem_type
+        self.device_id = memory.reservation.device
+        self.block_len_per_layer = [r.geometry.block_len for r in regions]
+        self.block_stride_per_layer = [r.geometry.block_stride for r in regions]
+        self.region_group_ids = [r.group_id for r in regions]
+        self.region_names = [r.name for r in regions]
+        self._region_is_mla = [r.is_mla for r in regions]
+        self.region_mem_types = [mem_type] * len(regions)
+        self.num_regions = len(regions)
+        self.kv_caches_base_addr[self.engine_id][self.tp_rank] = [
+            r.geometry.base for r in regions
+        ]
+        self._uses_region_group_mapping = len(set(self.region_group_ids)) > 1
+        if SHARED_GROUP in self.region_group_ids:
+            raise NotImplementedError(
+                "ElasticNixlConnector: a KV region shared by several cache groups "
+                "is not supported on elastic memory"
+            )
+        self._mixed_mem_types = False
+        self._skip_dram_xfer = False
+        self._set_region_layers([])
+        self.device_kv_caches = kv_caches
+        self.src_xfer_handles_by_block_size[self.block_size] = PER_REQUEST_HANDLE
+        self.src_blocks_data = np.empty((0, 3), dtype=np.uint64)
+        with self._reg_lock:
+            self._sync_registrations()
+            self._unsubscribe = memory.subscribe(self._on_mapping_event)
+            self._publish_handshake()
+        logger.info(
+            "ElasticNixlConnector: %d region(s), %d virtual blocks, %d mapped, "
+            "%d extent(s) / %d bytes registered (epoch %d)",
+            len(regions),
+            memory.num_virtual_blocks,
+            memory.num_mapped_blocks,
+            len(self._registered),
+            self.elastic_stats.registered_bytes,
+            memory.epoch,
+        )
+
+    def _sync_registrations(self) -> None:
+        """Make NIXL's registrations equal the mapped extents, each once."""
+        assert self.memory is not None
+        mem = self.memory
+        kind = mem.capabilities.memory_kind
+        extents = {(e.base, e.nbytes): e for e in mem.mapped_extents()}
+        plan = plan_registration(self._registered.keys(), extents.keys())
+        for span in plan.deregister:
+            self.nixl_wrapper.deregister_memory(self._registered.pop(span))
+            self.elastic_stats.deregistrations += 1
+            self.elastic_stats.registered_bytes -= span[1]
+        for span in plan.register:
+            e = extents[span]
+            descs = self.nixl_wrapper.get_reg_descs(
+                [(e.base, e.nbytes, e.device, "")], kind.nixl_mem_type
+            )
+            self.nixl_wrapper.register_memory(descs, backends=self.nixl_backends)
+            self._registered[span] = descs
+            self.elastic_stats.registrations += 1
+            self.elastic_stats.registered_bytes += span[1]
+
+    def _on_mapping_event(self, event: MappingEvent) -> None:
+        """Follow the allocator: register after map, deregister before unmap."""
+        with self._reg_lock:
+            if event.kind is MappingEventKind.UNMAPPING:
+                for e in event.extents:
+                    descs = self._registered.pop((e.base, e.nbytes), None)
+                    if descs is not None:
+                        self.nixl_wrapper.deregister_memory(descs)
+                        self.elastic_stats.deregistrations += 1
+                        self.elastic_stats.registered_bytes -= e.nbytes
+            else:
+                self._sync_registrations()
+            self._publish_handshake()
+
+    def _publish_handshake(self) -> None:
+        """Rebuild the handshake payload from what is registered now."""
+        assert self.memory is not None and self.compat_hash is not None
+        extents = sorted(self._registered)
+        prefix = mapped_prefix_blocks(self._regions, coverage_spans(extents))
+        self.region_num_blocks = [prefix] * self.num_regions
+        self.num_descs = prefix * self.num_regions
+        self.dst_num_blocks[self.engine_id] = prefix
+        self.dst_region_num_blocks[self.engine_id] = self.region_num_blocks
+        self.dst_region_group_ids[self.engine_id] = self.region_group_ids
+        self.dst_uses_region_group_mapping[self.engine_id] = (
+            self._uses_region_group_mapping
+        )
+        self.dst_region_mem_types[self.engine_id] = self.region_mem_types
+        meta = ElasticAgentMetadata(
+            engine_id=self.engine_id,
+            agent_metadata=self.nixl_wrapper.get_agent_metadata(),
+            device_id=self.device_id,
+            kv_caches_base_addr=self.kv_caches_base_addr[self.engine_id][self.tp_rank],
+            # A vanilla peer preps one descriptor per advertised block: offer
+            # it the leading blocks that are registered in every region.
+            num_blocks=prefix,
+            block_lens=self.block_len_per_layer,
+            block_strides=self.block_stride_per_layer,
+            kv_cache_layout=self.kv_cache_layout,
+            block_size=self.block_size,
+            ssm_sizes=self._mamba_ssm_size,
+            attn_backend_name=self.backend_name,
+            physical_blocks_per_logical_kv_block=self._physical_blocks_per_logical_kv_block,
+            region_num_blocks=self.region_num_blocks,
+            region_group_ids=self.region_group_ids,
+            region_names=self.region_names,
+            region_mem_types=self.region_mem_types,
+            dcp_size=self.dcp_size,
+            pcp_size=self.pcp_size,
+            region_members=self.region_members,
+            elastic_epoch=self.memory.epoch,
+            registered_extents=[(b, n) for b, n in extents],
+            virtual_num_blocks=min(r.num_blocks for r in self._regions),
+        )
+        self.xfer_handshake_metadata = NixlHandshakePayload(
+            compatibility_hash=self.compat_hash,
+            agent_metadata_bytes=msgspec.msgpack.encode(meta),
+        )
+
+    def build_worker_meta(self) -> ElasticWorkerMetadata | None:
+        """The new handshake payload, once per mapping change, for the scheduler
+        to serve on the side channel and stamp into kv_transfer_params."""
+        if not self.elastic or self.memory is None:
+            return None
+        with self._reg_lock:
+            epoch = self.memory.epoch
+            if epoch == self._reported_epoch or self.xfer_handshake_metadata is None:
+                return None
+            self._reported_epoch = epoch
+            payload = msgspec.msgpack.encode(self.xfer_handshake_metadata)
+        return ElasticWorkerMetadata(epoch, {(0, self.tp_rank): payload})
+
+    # ------------------------------------------------------------------
+    # Handshake and peers
+    # ------------------------------------------------------------------
+
+    def _nixl_handshake(
+        self,
+        host: str,
+        port: int,
+        remote_tp_size: int,
+        expected_engine_id: str,
+        remote_dcp_size: int = 1,
+        remote_pp_size: int = 1,
+        notif_agents_only: bool = False,
+    ) -> tuple[dict[tuple[int, int], str], float]:
+        # vLLM decodes only its own metadata fields; read ours from the same
+        # payload first, then let vLLM run its handshake (version and hash
+        # checks, clock offset) which calls add_remote_agent below.
+        assert self.transfer_topo is not None
+        for rank in self.transfer_topo.handshake_target_ranks(
+            remote_tp_size, remote_dcp_size
+        ):
+            _, meta = decode_agent_metadata(fetch_handshake(host, port, 0, rank))
+            with self._peer_lock:
+                self._fetched[(expected_engine_id, rank)] = (meta, host, port)
+        return super()._nixl_handshake(
+            host,
+            port,
+            remote_tp_size,
+            expected_engine_id,
+            remote_dcp_size,
+            remote_pp_size,
+            notif_agents_only,
+        )
+
+    def add_remote_agent(
+        self,
+        nixl_agent_meta: NixlAgentMetadata,
+        remote_tp_rank: int = 0,
+        remote_tp_size: int = 1,
+        remote_dcp_size: int = 1,
+    ) -> str:
+        engine_id = nixl_agent_meta.engine_id
+        with self._peer_lock:
+            fetched = self._fetched.pop((engine_id, remote_tp_rank), None)
+        ext_meta, host, port = fetched or (nixl_agent_meta, "", 0)
+        remote_elastic = (
+            isinstance(ext_meta, ElasticAgentMetadata)
+            and ext_meta.registered_extents is not None
+        )
+        if not (self.elastic or remote_elastic):
+            name = super().add_remote_agent(
+                nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size
+            )
+        else:
+            name = self._add_per_request_agent(
+                nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size
+            )
+        view = PeerView.from_metadata(ext_meta, name, host, port)
+        with self._peer_lock:
+            self._peers[(engine_id, remote_tp_rank)] = view
+        return name
+
+    def _add_per_request_agent(
+        self,
+        meta: NixlAgentMetadata,
+        remote_tp_rank: int,
+        remote_tp_size: int,
+        remote_dcp_size: int,
+    ) -> str:
+        """vLLM's add_remote_agent minus the per-block prepped descriptor lists,
+        for peers whose reads we describe per request."""
+        engine_id = meta.engine_id
+        existing = self._remote_agents.get(engine_id, {}).get((0, remote_tp_rank))
+        if existing is not None:
+            return existing
+        assert self.transfer_topo is not None
+        if (
+            meta.block_size != self.block_size
+            or remote_tp_size != self.transfer_topo.tp_size
+            or meta.physical_blocks_per_logical_kv_block != 1
+        ):
+            raise NotImplementedError(
+                f"ElasticNixlConnector with elastic memory needs equal block size and "
+                f"TP on both engines: local engine {self.engine_id} block_size="
+                f"{self.block_size} tp={self.transfer_topo.tp_size}, remote engine "
+                f"{engine_id} block_size={meta.block_size} tp={remote_tp_size}"
+            )
+        self.transfer_topo.register_remote_engine(
+            engine_id,
+            EngineTransferInfo(
+                remote_tp_size=remote_tp_size,
+                remote_block_size=meta.block_size,
+                remote_block_len=meta.block_lens[0],
+                remote_physical_blocks_per_logical=1,
+                remote_dcp_size=remote_dcp_size,
+            ),
+        )
+        self.tp_mappings[engine_id] = compute_tp_mapping(
+            transfer_topology=self.transfer_topo,
+            remote_tp_size=remote_tp_size,
+            group_spec_types=self._group_spec_types,
+            remote_dcp_size=remote_dcp_size,
+        )
+        name = self.nixl_wrapper.add_remote_agent(meta.agent_metadata)
+        num_regions = len(meta.kv_caches_base_addr)
+        if engine_id not in self.dst_num_blocks:
+            self.dst_num_blocks[engine_id] = meta.num_blocks
+            self.dst_region_num_blocks[engine_id] = (
+                meta.region_num_blocks or [meta.num_blocks] * num_regions
+            )
+            self.dst_region_group_ids[engine_id] = (
+                meta.region_group_ids or [0] * num_regions
+            )
+            self.dst_uses_region_group_mapping[engine_id] = (
+                len(set(self.dst_region_group_ids[engine_id])) > 1
+            )
+            self.dst_region_mem_types[engine_id] = (
+                meta.region_mem_types or [self.nixl_memory_type] * num_regions
+            )
+        self.kv_caches_base_addr[engine_id][remote_tp_rank] = meta.kv_caches_base_addr
+        self._validate_remote_agent_handshake(meta, remote_tp_size, remote_dcp_size)
+        self.dst_xfer_side_handles[engine_id][remote_tp_rank] = PER_REQUEST_HANDLE
+        return name
+
+    def _refresh_peer(self, engine_id: EngineId, rank: int) -> None:
+        """Re-read a peer's metadata and hand NIXL its new registrations."""
+        with self._peer_lock:
+            view = self._peers[(engine_id, rank)]
+        _, meta = decode_agent_metadata(fetch_handshake(view.host, view.port, 0, rank))
+        if meta.engine_id != engine_id:
+            raise RuntimeError(
+                f"peer at {view.host}:{view.port} is now engine {meta.engine_id}, "
+                f"expected {engine_id}"
+            )
+        self.nixl_wrapper.add_remote_agent(meta.agent_metadata)
+        fresh = PeerView.from_metadata(meta, view.agent_name, view.host, view.port)
+        fresh.refreshed_for = view.refreshed_for
+        with self._peer_lock:
+            self._peers[(engine_id, rank)] = fresh
+        self.elastic_stats.refreshes += 1
+        logger.info(
+            "ElasticNixlConnector: refreshed engine %s rank %d: epoch %d -> %d",
+            engine_id,
+            rank,
+            view.epoch,
+            fresh.epoch,
+        )
+
+    def _cleanup_remote_engine(self, engine_id: EngineId, *args: Any, **kwargs: Any) -> None:
+        handles = self.dst_xfer_side_handles.get(engine_id, {})
+        for rank in [r for r, h in handles.items() if h == PER_REQUEST_HANDLE]:
+            del handles[rank]
+        with self._peer_lock:
+            for key in [k for k in self._peers if k[0] == engine_id]:
+                del self._peers[key]
+        super()._cleanup_remote_engine(engine_id, *args, **kwargs)
+
+    # ------------------------------------------------------------------
+    # Reads
+    # ------------------------------------------------------------------
+
+    def start_load_kv(self, metadata: NixlConnectorMetadata) -> None:
+        if isinstance(metadata, ElasticConnectorMetadata):
+            self._required_epochs.update(metadata.required_epochs)
+            for req_id, block_ids in metadata.blocks_to_lease.items():
+                self._lease_for_send(req_id, block_ids)
+        super().start_load_kv(metadata)
+
+    def _lease_for_send(self, req_id: str, block_ids: list[int]) -> None:
+        if self.memory is None or not self.elastic or not block_ids:
+            return
+        try:
+            self._send_leases[req_id] = self.memory.lease(block_ids)
+        except KVMemoryError as e:
+            # The consumer's read of these blocks will fail and be reported on
+            # its side; this engine keeps serving.
+            logger.error("ElasticNixlConnector: cannot pin blocks of %s: %s", req_id, e)
+
+    def _peer_for(self, engine_id: EngineId) -> PeerView | None:
+        with self._peer_lock:
+            for (eid, _), view in self._peers.items():
+                if eid == engine_id:
+                    return view
+        return None
+
+    def _read_blocks_for_req(self, req_id: str, meta: ReqMeta) -> None:
+        assert meta.remote is not None
+        engine_id = meta.remote.engine_id
+        view = self._peer_for(engine_id) if engine_id in self._remote_agents else None
+        if view is not None and view.elastic and req_id not in view.refreshed_for:
+            needed = self._required_epochs.get(req_id, 0)
+            if needed > view.epoch or self._remote_blocks_unknown(view, meta):
+                view.refreshed_for.add(req_id)
+                self._refresh_then_read(req_id, meta, engine_id)
+                return
+        super()._read_blocks_for_req(req_id, meta)
+
+    def _remote_blocks_unknown(self, view: PeerView, meta: ReqMeta) -> bool:
+        """Whether the request names remote blocks outside what we know the peer
+        registered: our metadata may be stale, so refresh before refusing."""
+        assert meta.remote is not None
+        groups = self.dst_region_group_ids.get(meta.remote.engine_id) or [0]
+        for i, g in enumerate(view.regions):
+            gid = groups[i] if i < len(groups) else 0
+            if gid >= len(meta.remote.block_ids):
+                continue
+            ids = np.asarray(meta.remote.block_ids[gid], dtype=np.int64)
+            if len(ids) and view.extents.uncovered(
+                g.base + ids * g.block_stride, g.block_len
+            ).any():
+                return True
+        return False
+
+    def _refresh_then_read(self, req_id: str, meta: ReqMeta, engine_id: EngineId) -> None:
+        """Refresh on the handshake thread (NIXL is driven by one background
+        thread), then queue the read for the next start_load_kv."""
+        ranks = [rank for (eid, rank) in list(self._peers) if eid == engine_id]
+
+        def refresh() -> None:
+            for rank in ranks:
+                self._refresh_peer(engine_id, rank)
+
+        def done(fut: Any) -> None:
+            try:
+                fut.result()
+            except Exception as e:  # noqa: BLE001 - reported through vLLM's path
+                self._log_failure(
+                    failure_type="elastic_refresh_failed",
+                    req_id=req_id,
+                    msg=str(e),
+                    meta=meta,
+                )
+            # Read either way: a read that still names unknown blocks is
+            # refused in _read_blocks with a message naming them.
+            self._ready_requests.put((req_id, meta))
+
+        self._handshake_initiation_executor.submit(refresh).add_done_callback(done)
+
+    def _read_blocks(
+        self,
+        read_spec: ReadSpec,
+        dst_engine_id: str,
+        request_id: str,
+        remote_request_id: str,
+        local_xfer_side_handle: int,
+        local_dram_handle: int | None,
+        remote_xfer_side_handle: int,
+        expected_consumers: int,
+        awaiting_kvs: bool,
+    ) -> bool:
+        per_request = (
+            local_xfer_side_handle == PER_REQUEST_HANDLE
+            or remote_xfer_side_handle == PER_REQUEST_HANDLE
+        )
+        if not per_request or not any(read_spec.local_block_ids):
+            # vLLM's path: static peers, and full prefix hits (notify only).
+            return super()._read_blocks(
+                read_spec,
+                dst_engine_id,
+                request_id,
+                remote_request_id,
+                local_xfer_side_handle,
+                local_dram_handle,
+                remote_xfer_side_handle,
+                expected_consumers,
+                awaiting_kvs,
+            )
+        remote_rank = read_spec.remote_rank
+        with self._peer_lock:
+            view = self._peers[(dst_engine_id, remote_rank)]
+        local_ids, remote_ids = self._apply_prefix_caching(
+            decode_block_ids=read_spec.local_block_ids,
+            prefill_block_ids=read_spec.remote_block_ids,
+            decode_physical_per_logical=1,
+            prefill_physical_per_logical=1,
+        )
+        notif_id = f"{remote_request_id}:{expected_consumers}".encode()
+        handle = None
+        try:
+            plan = plan_read(
+                self._local_geometry(),
+                view.regions,
+                self._ids_by_region(local_ids, self.region_group_ids),
+                self._ids_by_region(remote_ids, self.dst_region_group_ids[dst_engine_id]),
+                self._local_extents(),
+                view.extents,
+                local_device=self.device_id,
+                remote_device=view.device_id,
+            )
+            flat_local = [b for group in local_ids for b in group]
+            if self.memory is not None and self.elastic:
+                self._recv_leases[request_id] = self.memory.lease(sorted(set(flat_local)))
+            mem_type = self.nixl_memory_type
+            handle = self.nixl_wrapper.initialize_xfer(
+                "READ",
+                self.nixl_wrapper.get_xfer_descs(plan.local, mem_type),
+                self.nixl_wrapper.get_xfer_descs(plan.remote, view_mem_type(self, dst_engine_id)),
+                view.agent_name,
+                notif_id,
+            )
+            self.nixl_wrapper.transfer(handle)
+        except (DescriptorPlanError, KVMemoryError, ValueError, RuntimeError) as e:
+            self.elastic_stats.refused_reads += 1
+            self._log_failure(
+                failure_type="elastic_read_refused",
+                req_id=request_id,
+                msg=f"{e} (engine {dst_engine_id}, epoch {view.epoch})",
+                dst_engine_id=dst_engine_id,
+                remote_rank=remote_rank,
+            )
+            self._release_recv_lease(request_id)
+            if not self._handle_failed_transfer(request_id, handle, self._recv_failures):
+                assert handle is not None
+                self._recving_transfers[request_id].append(handle)
+            return False
+        self._recving_transfers[request_id].append(handle)
+        st = self.elastic_stats
+        st.reads_posted += 1
+        st.descriptors_posted += plan.num_descs
+        st.blocks_read += plan.num_blocks
+        st.bytes_read += plan.nbytes
+        return True
+
+    def _local_geometry(self) -> list[RegionGeometry]:
+        bases = self.kv_caches_base_addr[self.engine_id][self.tp_rank]
+        return [
+            RegionGeometry(b, n, s)
+            for b, n, s in zip(
+                bases, self.block_len_per_layer, self.block_stride_per_layer, strict=True
+            )
+        ]
+
+    def _local_extents(self) -> ExtentIndex:
+        if self.elastic:
+            with self._reg_lock:
+                return ExtentIndex.build(self._registered.keys())
+        assert self.memory is not None
+        return ExtentIndex.build((e.base, e.nbytes) for e in self.memory.mapped_extents())
+
+    @staticmethod
+    def _ids_by_region(
+        block_ids: Sequence[Sequence[int]], region_groups: Sequence[int]
+    ) -> list[Sequence[int]]:
+        return [block_ids[g if g >= 0 else 0] for g in region_groups]
+
+    # ------------------------------------------------------------------
+    # Completion, leases, shutdown
+    # ------------------------------------------------------------------
+
+    def get_transfer_results(self) -> KVConnectorTransferResults:
+        results = super().get_transfer_results()
+        for req_id in results.finished_sending:
+            lease = self._send_leases.pop(req_id, None)
+            if lease is not None:
+                lease.release()
+        for req_id in results.finished_recving:
+            self._release_recv_lease(req_id)
+            self._required_epochs.pop(req_id, None)
+        return results
+
+    def _release_recv_lease(self, req_id: str) -> None:
+        lease = self._recv_leases.pop(req_id, None)
+        if lease is not None:
+            lease.release()
+
+    def shutdown(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        for leases in (self._send_leases, self._recv_leases):
+            for lease in leases.values():
+                lease.release()
+            leases.clear()
+        handles = self.src_xfer_handles_by_block_size
+        for size in [s for s, h in handles.items() if h == PER_REQUEST_HANDLE]:
+            del handles[size]
+        for engine_handles in self.dst_xfer_side_handles.values():
+            for rank in [r for r, h in engine_handles.items() if h == PER_REQUEST_HANDLE]:
+                del engine_handles[rank]
+        super().shutdown()
+        with self._reg_lock:
+            for descs in self._registered.values():
+                try:
+                    self.nixl_wrapper.deregister_memory(descs)
+                except Exception:  # noqa: BLE001 - best effort at shutdown
+                    logger.exception("ElasticNixlConnector: deregistration failed")
+            self._registered.clear()
+
+
+def view_mem_type(worker: ElasticNixlConnectorWorker, engine_id: EngineId) -> str:
+    types = set(worker.dst_region_mem_types.get(engine_id) or [worker.nixl_memory_type])
+    if len(types) != 1:
+        raise NotImplementedError(
+            f"engine {engine_id} advertises mixed memory types {sorted(types)}"
+        )
+    return types.pop()
+
+
+__all__ = ["PER_REQUEST_HANDLE", "ElasticNixlConnectorWorker", "ElasticStats"]

@@ -1,0 +1,72 @@
+"""Settings validation and the expandable_segments guard (no vLLM needed)."""
+
+import pytest
+
+from elastic_nixl.config import AllocatorChoice, ElasticNixlSettings, TransferPath
+from elastic_nixl.guards import (
+    check_expandable_segments,
+    expandable_segments_source,
+    parse_alloc_conf,
+)
+
+
+def test_defaults():
+    s = ElasticNixlSettings.from_extra_config(None)
+    assert s.allocator is AllocatorChoice.AUTO
+    assert s.transfer_path is TransferPath.AUTO
+
+
+def test_values_and_vllm_keys_pass_through():
+    s = ElasticNixlSettings.from_extra_config(
+        {"allocator": "VMM", "virtual_blocks": 4096, "chunk_bytes": 1 << 21,
+         "backends": ["UCX"], "num_threads": 2, "enforce_handshake_compat": False}
+    )
+    assert s.allocator is AllocatorChoice.VMM
+    assert s.virtual_blocks == 4096 and s.chunk_bytes == 1 << 21
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ({"alocator": "vmm"}, "unknown key(s) ['alocator']"),
+        ({"allocator": "cuda"}, "choose one of ['auto', 'vmm', 'static']"),
+        ({"virtual_blocks": 0}, "'virtual_blocks'] must be a positive integer"),
+        ({"virtual_blocks": True}, "'virtual_blocks'] must be a positive integer"),
+        ({"chunk_bytes": 1000}, "multiple of 4096"),
+        ({"transfer_path": "fast"}, "choose one of ['auto', 'direct', 'staged']"),
+    ],
+)
+def test_bad_values_name_the_key(extra, needle):
+    with pytest.raises(ValueError) as ei:
+        ElasticNixlSettings.from_extra_config(extra)
+    assert needle in str(ei.value)
+
+
+def test_parse_alloc_conf():
+    assert parse_alloc_conf("max_split_size_mb:128, expandable_segments:True") == {
+        "max_split_size_mb": "128",
+        "expandable_segments": "True",
+    }
+
+
+@pytest.mark.parametrize(
+    ("env", "source"),
+    [
+        ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, "PYTORCH_CUDA_ALLOC_CONF"),
+        ({"PYTORCH_ALLOC_CONF": "foo:1,expandable_segments:true"}, "PYTORCH_ALLOC_CONF"),
+        ({"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, None),
+        # A substring match would misfire on these.
+        ({"PYTORCH_ALLOC_CONF": "not_expandable_segments:True"}, None),
+        ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:Truest"}, None),
+        ({}, None),
+    ],
+)
+def test_expandable_segments_source(env, source):
+    assert expandable_segments_source(env) == source
+
+
+def test_guard_message_says_why_and_what_to_do():
+    with pytest.raises(ValueError) as ei:
+        check_expandable_segments({"PYTORCH_ALLOC_CONF": "expandable_segments:True"})
+    msg = str(ei.value)
+    assert "PYTORCH_ALLOC_CONF" in msg and "allocator" in msg and "remap" in msg

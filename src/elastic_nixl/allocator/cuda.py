@@ -1,0 +1,416 @@
+"""CUDA VMM backend: ``cuMemAddressReserve`` + ``cuMemCreate`` per chunk.
+
+Each chunk is its own physical allocation (so it can be released on its
+own), created with an exportable handle type (POSIX fd by default, fabric on
+request) and, where the device supports it, ``gpuDirectRDMACapable`` so a
+NIC can register it. VMM memory is never legacy-CUDA-IPC capable
+(``cuIpcGetMemHandle`` refuses it), so that export kind is never claimed.
+
+NVIDIA's ``cuda-bindings`` is imported, and the driver initialised, only when
+a backend is constructed: this module imports on machines without a GPU.
+Every driver call is checked; failures raise ``CudaDriverError`` (a
+``KVMemoryError``) naming the call and the ``CUresult``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
+
+from elastic_nixl.allocator.core import DL_CUDA, MemoryBackend, dlpack_tensor
+from elastic_nixl.capabilities import ExportKind, KVMemoryError, MemoryKind
+
+if TYPE_CHECKING:
+    import torch
+
+# ExportKind -> CUmemAllocationHandleType member name.
+HANDLE_TYPES: dict[ExportKind, str] = {
+    ExportKind.POSIX_FD: "CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR",
+    ExportKind.FABRIC: "CU_MEM_HANDLE_TYPE_FABRIC",
+    ExportKind.NONE: "CU_MEM_HANDLE_TYPE_NONE",
+}
+# Device attribute saying the handle type is supported.
+_HANDLE_ATTRS: dict[ExportKind, str] = {
+    ExportKind.POSIX_FD: (
+        "CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED"
+    ),
+    ExportKind.FABRIC: "CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_FABRIC_SUPPORTED",
+}
+
+
+class CudaDriverError(KVMemoryError):
+    """A CUDA driver call failed; ``call`` and ``error_name`` say which and why."""
+
+    def __init__(self, call: str, code: int, error_name: str, hint: str = "") -> None:
+        self.call = call
+        self.code = code
+        self.error_name = error_name
+        super().__init__(f"{call} failed: {error_name} ({code}){hint}")
+
+
+def load_driver() -> ModuleType:
+    """NVIDIA's driver bindings (``cuda.bindings.driver``; older ``cuda.cuda``)."""
+    try:
+        from cuda.bindings import driver
+
+        return driver
+    except ImportError:
+        pass
+    try:
+        from cuda import cuda as legacy_driver  # cuda-python < 12.6
+
+        return legacy_driver
+    except ImportError as exc:
+        raise KVMemoryError(
+            "CudaBackend needs NVIDIA's cuda-bindings package "
+            f"(pip install cuda-bindings): {exc}"
+        ) from exc
+
+
+def result_name(err: Any) -> str:
+    """``CUDA_ERROR_OUT_OF_MEMORY`` for a CUresult (or its int value)."""
+    name = getattr(err, "name", None)
+    if isinstance(name, str):
+        return name
+    try:
+        from cuda.bindings import driver
+
+        return str(driver.CUresult(int(err)).name)
+    except Exception:
+        return f"CUresult {int(err)}"
+
+
+_HINTS = {
+    "CUDA_ERROR_OUT_OF_MEMORY": ": the GPU has no memory left for another chunk",
+    "CUDA_ERROR_NOT_SUPPORTED": ": the device or driver does not support this "
+    "allocation property (handle type, gpuDirectRDMACapable)",
+    "CUDA_ERROR_NO_DEVICE": ": no CUDA device is visible",
+    "CUDA_ERROR_NOT_PERMITTED": ": for fabric handles this process needs IMEX "
+    "channel access (nvidia-imex running, /dev/nvidia-caps-imex-channels)",
+}
+
+
+def check(result: Any, call: str) -> Any:
+    """Unpack a cuda-bindings return ``(err, *values)``; raise on error.
+
+    Returns ``None``, the single value, or a tuple of values.
+    """
+    if isinstance(result, tuple):
+        err, values = result[0], result[1:]
+    else:
+        err, values = result, ()
+    code = int(err)
+    if code != 0:
+        name = result_name(err)
+        raise CudaDriverError(call, code, name, _HINTS.get(name, ""))
+    if not values:
+        return None
+    return values[0] if len(values) == 1 else values
+
+
+def build_allocation_prop(
+    driver: ModuleType, device: int, handle_type: ExportKind, gpu_direct_rdma: bool
+) -> Any:
+    """``CUmemAllocationProp`` for pinned device memory on ``device``."""
+    if handle_type not in HANDLE_TYPES:
+        raise ValueError(
+            f"handle_type {handle_type.value} is not a VMM handle type; choose one of "
+            f"{sorted(k.value for k in HANDLE_TYPES)}"
+        )
+    prop = driver.CUmemAllocationProp()
+    prop.type = driver.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+    prop.location.type = driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    prop.location.id = device
+    prop.requestedHandleTypes = getattr(
+        driver.CUmemAllocationHandleType, HANDLE_TYPES[handle_type]
+    )
+    prop.allocFlags.gpuDirectRDMACapable = 1 if gpu_direct_rdma else 0
+    return prop
+
+
+def build_access_desc(driver: ModuleType, device: int) -> Any:
+    """``CUmemAccessDesc`` granting ``device`` read/write."""
+    desc = driver.CUmemAccessDesc()
+    desc.location.type = driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    desc.location.id = device
+    desc.flags = driver.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+    return desc
+
+
+class CudaBackend(MemoryBackend):
+    """Device memory through the CUDA VMM driver API, one handle per chunk.
+
+    ``gpu_direct_rdma``: ``None`` sets ``gpuDirectRDMACapable`` where the
+    device reports VMM GPUDirect RDMA support; ``True`` requires it; ``False``
+    never sets it. ``synchronize_before_unmap`` runs ``cuCtxSynchronize``
+    before a batch of unmaps so no in-flight kernel reads freed memory.
+    """
+
+    def __init__(
+        self,
+        device: int = 0,
+        *,
+        handle_type: ExportKind = ExportKind.POSIX_FD,
+        gpu_direct_rdma: bool | None = None,
+        synchronize_before_unmap: bool = True,
+    ) -> None:
+        if isinstance(device, bool) or not isinstance(device, int) or device < 0:
+            raise ValueError(
+                f"device must be a CUDA device ordinal >= 0, got {device!r}"
+            )
+        if handle_type not in HANDLE_TYPES:
+            raise ValueError(
+                f"handle_type {handle_type.value} cannot be requested from "
+                f"cuMemCreate; "
+                f"choose one of {sorted(k.value for k in HANDLE_TYPES)}"
+            )
+        drv = load_driver()
+        self._drv = drv
+        self._ordinal = device
+        self._handle_type = handle_type
+        self._sync = synchronize_before_unmap
+        self._handles: dict[int, tuple[Any, int]] = {}
+        self._base = 0
+        self._nbytes = 0
+        self._ctx: Any = None
+        self._init_device()
+        try:
+            self._configure(gpu_direct_rdma)
+        except BaseException:
+            self._release_context()
+            raise
+
+    def _init_device(self) -> None:
+        drv = self._drv
+        try:
+            result = drv.cuInit(0)
+        except Exception as exc:  # driver library missing: DynamicLibNotFoundError
+            raise KVMemoryError(
+                f"no CUDA device: the CUDA driver library could not be loaded ({exc})"
+            ) from exc
+        if int(result[0]) != 0:
+            name = result_name(result[0])
+            raise CudaDriverError(
+                "cuInit(0)", int(result[0]), name, " (no CUDA device)"
+            )
+        count = int(check(drv.cuDeviceGetCount(), "cuDeviceGetCount()"))
+        if count == 0:
+            raise KVMemoryError("no CUDA device: cuDeviceGetCount() returned 0")
+        if self._ordinal >= count:
+            raise KVMemoryError(
+                f"CUDA device {self._ordinal} does not exist ({count} visible)"
+            )
+        self._dev = check(
+            drv.cuDeviceGet(self._ordinal), f"cuDeviceGet({self._ordinal})"
+        )
+        self._ctx = check(
+            drv.cuDevicePrimaryCtxRetain(self._dev),
+            f"cuDevicePrimaryCtxRetain({self._ordinal})",
+        )
+
+    def _attr(self, name: str) -> int:
+        attr = getattr(self._drv.CUdevice_attribute, name)
+        return int(
+            check(
+                self._drv.cuDeviceGetAttribute(attr, self._dev),
+                f"cuDeviceGetAttribute({name})",
+            )
+        )
+
+    def _configure(self, gpu_direct_rdma: bool | None) -> None:
+        drv = self._drv
+        if not self._attr("CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED"):
+            raise KVMemoryError(
+                f"CUDA device {self._ordinal} does not support virtual memory "
+                "management"
+            )
+        attr = _HANDLE_ATTRS.get(self._handle_type)
+        if attr is not None and not self._attr(attr):
+            raise KVMemoryError(
+                f"CUDA device {self._ordinal} does not support handle_type "
+                f"{self._handle_type.value} ({attr} is 0)"
+            )
+        rdma_ok = bool(
+            self._attr("CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED")
+        )
+        if gpu_direct_rdma and not rdma_ok:
+            raise KVMemoryError(
+                f"gpu_direct_rdma=True but CUDA device {self._ordinal} does not "
+                "support GPUDirect RDMA on VMM memory"
+            )
+        self._rdma = rdma_ok if gpu_direct_rdma is None else bool(gpu_direct_rdma)
+        self._prop = build_allocation_prop(
+            drv, self._ordinal, self._handle_type, self._rdma
+        )
+        self._access = build_access_desc(drv, self._ordinal)
+        with self._current():
+            self._granularity = int(
+                check(
+                    drv.cuMemGetAllocationGranularity(
+                        self._prop,
+                        drv.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED,
+                    ),
+                    "cuMemGetAllocationGranularity(RECOMMENDED)",
+                )
+            )
+
+    @contextlib.contextmanager
+    def _current(self) -> Iterator[None]:
+        """Make the device's primary context current for the calls inside."""
+        check(self._drv.cuCtxPushCurrent(self._ctx), "cuCtxPushCurrent")
+        try:
+            yield
+        finally:
+            check(self._drv.cuCtxPopCurrent(), "cuCtxPopCurrent")
+
+    def _release_context(self) -> None:
+        if self._ctx is not None:
+            self._ctx = None
+            check(
+                self._drv.cuDevicePrimaryCtxRelease(self._dev),
+                "cuDevicePrimaryCtxRelease",
+            )
+
+    # ---------------------------------------------------------- properties
+
+    @property
+    def granularity(self) -> int:
+        return self._granularity
+
+    @property
+    def memory_kind(self) -> MemoryKind:
+        return MemoryKind.CUDA
+
+    @property
+    def device(self) -> int:
+        return self._ordinal
+
+    @property
+    def export_kinds(self) -> frozenset[ExportKind]:
+        return frozenset({self._handle_type})
+
+    @property
+    def gpu_direct_rdma(self) -> bool:
+        """Whether chunks are created ``gpuDirectRDMACapable``."""
+        return self._rdma
+
+    @property
+    def handle_type(self) -> ExportKind:
+        return self._handle_type
+
+    # ---------------------------------------------------------- operations
+
+    def reserve(self, nbytes: int) -> int:
+        if self._base:
+            raise KVMemoryError("CudaBackend: already holds a reservation")
+        if nbytes <= 0 or nbytes % self._granularity:
+            raise KVMemoryError(
+                f"CudaBackend: reservation size {nbytes} is not a positive multiple "
+                f"of the granularity {self._granularity}"
+            )
+        with self._current():
+            ptr = check(
+                self._drv.cuMemAddressReserve(nbytes, self._granularity, 0, 0),
+                f"cuMemAddressReserve({nbytes})",
+            )
+        self._base = int(ptr)
+        self._nbytes = nbytes
+        return self._base
+
+    def map(self, offset: int, nbytes: int) -> None:
+        if not self._base or offset < 0 or offset + nbytes > self._nbytes:
+            raise KVMemoryError(
+                f"CudaBackend: range [{offset}, +{nbytes}) is outside the reservation"
+            )
+        if offset in self._handles:
+            raise KVMemoryError(f"CudaBackend: offset {offset} is already mapped")
+        drv = self._drv
+        addr = self._base + offset
+        with self._current():
+            handle = check(
+                drv.cuMemCreate(nbytes, self._prop, 0), f"cuMemCreate({nbytes})"
+            )
+            try:
+                check(
+                    drv.cuMemMap(addr, nbytes, 0, handle, 0),
+                    f"cuMemMap(0x{addr:x}, {nbytes})",
+                )
+                try:
+                    check(
+                        drv.cuMemSetAccess(addr, nbytes, [self._access], 1),
+                        f"cuMemSetAccess(0x{addr:x}, {nbytes}, READWRITE)",
+                    )
+                except BaseException:
+                    drv.cuMemUnmap(addr, nbytes)
+                    raise
+            except BaseException:
+                drv.cuMemRelease(handle)
+                raise
+        self._handles[offset] = (handle, nbytes)
+
+    def quiesce(self) -> None:
+        if self._sync and self._ctx is not None:
+            with self._current():
+                check(self._drv.cuCtxSynchronize(), "cuCtxSynchronize")
+
+    def unmap(self, offset: int, nbytes: int) -> None:
+        entry = self._handles.get(offset)
+        if entry is None or entry[1] != nbytes:
+            raise KVMemoryError(
+                f"CudaBackend: [{offset}, +{nbytes}) was not mapped as one chunk"
+            )
+        addr = self._base + offset
+        with self._current():
+            check(
+                self._drv.cuMemUnmap(addr, nbytes), f"cuMemUnmap(0x{addr:x}, {nbytes})"
+            )
+            del self._handles[offset]
+            check(self._drv.cuMemRelease(entry[0]), f"cuMemRelease(offset {offset})")
+
+    def free(self) -> None:
+        if self._ctx is None:
+            return
+        errors: list[Exception] = []
+        if self._handles:
+            with contextlib.suppress(Exception):
+                self.quiesce()
+        for offset, (_, nbytes) in sorted(self._handles.items()):
+            try:
+                self.unmap(offset, nbytes)
+            except Exception as exc:
+                errors.append(exc)
+        if self._base:
+            try:
+                with self._current():
+                    check(
+                        self._drv.cuMemAddressFree(self._base, self._nbytes),
+                        f"cuMemAddressFree(0x{self._base:x}, {self._nbytes})",
+                    )
+            except Exception as exc:
+                errors.append(exc)
+            self._base = 0
+            self._nbytes = 0
+        try:
+            self._release_context()
+        except Exception as exc:
+            errors.append(exc)
+        if errors:
+            raise errors[0]
+
+    def tensor(self, nbytes: int, keepalive: object = None) -> torch.Tensor:
+        if not self._base or not 0 < nbytes <= self._nbytes:
+            raise KVMemoryError(
+                f"CudaBackend: cannot view {nbytes} bytes of a {self._nbytes}-byte "
+                "reservation"
+            )
+        return dlpack_tensor(self._base, nbytes, DL_CUDA, self._ordinal, keepalive)
+
+    def __repr__(self) -> str:
+        return (
+            f"CudaBackend(device={self._ordinal}, "
+            f"handle_type={self._handle_type.value}, "
+            f"rdma={getattr(self, '_rdma', None)}, base=0x{self._base:x}, "
+            f"chunks={len(self._handles)})"
+        )

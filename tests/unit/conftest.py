@@ -1,0 +1,49 @@
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from mock_nixl import MockNixlAgent, MockNixlFabric
+
+
+@pytest.fixture
+def fabric() -> MockNixlFabric:
+    return MockNixlFabric()
+
+
+def mock_agent(name: str, fabric: MockNixlFabric) -> MockNixlAgent:
+    from nixl._api import nixl_agent_config
+
+    # What vLLM's worker asks of a real agent.
+    return MockNixlAgent(
+        name, nixl_agent_config(num_threads=4, capture_telemetry=True), fabric=fabric
+    )
+
+
+@pytest.fixture
+def make_engine(fabric: MockNixlFabric) -> Iterator[Callable[..., object]]:
+    from elastic_nixl.harness import free_port
+    from elastic_nixl.pd import EngineSpec, PDEngine
+
+    engines: list[PDEngine] = []
+
+    def make(role: str, engine_id: str, **kw: object) -> PDEngine:
+        spec = EngineSpec(role, engine_id, free_port(), **kw)  # type: ignore[arg-type]
+        eng = PDEngine(spec, nixl_agent=mock_agent(engine_id, fabric))
+        engines.append(eng)
+        return eng
+
+    yield make
+    for eng in engines:
+        eng.shutdown()
+
+
+def run_until(producer, consumer, req_id: str, steps: int = 200) -> set[str]:
+    """Step both engines until the consumer reports ``req_id`` received."""
+    for _ in range(steps):
+        _, recving = consumer.step()
+        producer.step()
+        if req_id in recving:
+            return recving
+        time.sleep(0.005)
+    raise AssertionError(f"{req_id} never finished receiving")

@@ -1,0 +1,63 @@
+"""The vllm.general_plugins entry point and the connector's layout answer."""
+
+from importlib.metadata import entry_points
+
+import pytest
+
+from elastic_nixl.harness import make_vllm_config
+
+
+def test_entry_point_registers_connector_and_is_idempotent():
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+    from vllm.plugins import load_general_plugins
+
+    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "elastic_nixl"]
+    assert len(eps) == 1
+    load_general_plugins()
+    eps[0].load()()  # a second load in the same process is harmless
+    from elastic_nixl.connector.connector import ElasticNixlConnector
+
+    vc = make_vllm_config("kv_producer")
+    assert KVConnectorFactory.get_connector_class(vc.kv_transfer_config) is ElasticNixlConnector
+
+
+def test_module_path_resolves_the_same_class():
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    import elastic_nixl
+    from elastic_nixl.connector.connector import ElasticNixlConnector
+
+    vc = make_vllm_config("kv_producer", module_path="elastic_nixl")
+    assert KVConnectorFactory.get_connector_class(vc.kv_transfer_config) is ElasticNixlConnector
+    assert elastic_nixl.ElasticNixlConnector is ElasticNixlConnector
+
+
+@pytest.mark.parametrize(
+    ("allocator", "expected"),
+    [("static", "LBHNC"), ("vmm", "LBHNC"), ("auto", "LBNHC")],
+)
+def test_required_layout_follows_allocator(allocator, expected):
+    from elastic_nixl.connector.connector import ElasticNixlConnector
+
+    vc = make_vllm_config("kv_producer", extra={"allocator": allocator}, layout=None)
+    assert ElasticNixlConnector.get_required_kvcache_layout(vc) == expected
+
+
+def test_bad_extra_config_fails_at_construction():
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+
+    from elastic_nixl.connector.connector import ElasticNixlConnector
+    from elastic_nixl.harness import make_kv_cache_config
+
+    vc = make_vllm_config("kv_producer", extra={"allocator": "gpu"})
+    with pytest.raises(ValueError, match=r"\['auto', 'vmm', 'static'\]"):
+        ElasticNixlConnector(vc, KVConnectorRole.SCHEDULER, make_kv_cache_config(vc, 8))
+
+
+def test_unsupported_vllm_is_refused_with_a_clear_message(monkeypatch):
+    from elastic_nixl import versions
+
+    monkeypatch.setattr(versions, "vllm_version", lambda: "0.31.2")
+    with pytest.raises(ImportError, match=r"vllm==0.32"):
+        versions.check_vllm_version()
+    assert versions.vllm_supported("0.32.0") and not versions.vllm_supported("0.33.0")

@@ -61,6 +61,9 @@ class RegistrationResult:
     prepped_descs: int | None = None
     advertised_descs: int | None = None
     handshake_bytes: int | None = None
+    stats_registered_bytes: int | None = None  # ElasticStats, elastic path only
+    shutdown_ms: list[float] = field(default_factory=list)
+    registered_after_shutdown: int | None = None  # bytes NIXL still holds
     mapped_bytes: int | None = None
     reserved_bytes: int | None = None
     regions: int | None = None
@@ -210,8 +213,15 @@ def measure_registration(
             result.handshake_bytes = (
                 len(msgspec.msgpack.encode(payload)) if payload is not None else 0
             )
+            stats = getattr(worker, "elastic_stats", None)
+            if stats is not None and getattr(worker, "elastic", False):
+                result.stats_registered_bytes = stats.registered_bytes
         finally:
+            t0 = time.perf_counter()
             connector.shutdown()
+            if result.ok and not traced:
+                result.shutdown_ms.append((time.perf_counter() - t0) * 1e3)
+            result.registered_after_shutdown = counter.registered_bytes
     return result
 
 

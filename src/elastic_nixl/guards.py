@@ -43,5 +43,5 @@ def check_expandable_segments(environ: Mapping[str, str] | None = None) -> None:
         "to new physical pages, so memory NIXL registered (and peers hold keys "
         "for) goes stale and transfers fail (IBV_WC_REM_ACCESS_ERR). Remove "
         f"expandable_segments:True from {var}, or let ElasticNixlConnector own "
-        "the KV memory with kv_connector_extra_config {\"allocator\": \"vmm\"}."
+        'the KV memory with kv_connector_extra_config {"allocator": "vmm"}.'
     )

@@ -105,7 +105,7 @@ def make_vllm_config(
         _MODEL_CONFIGS[key] = ModelConfig(
             model=str(model.write()),
             skip_tokenizer_init=True,
-            dtype=model.dtype,
+            dtype=model.dtype,  # type: ignore[arg-type]
             max_model_len=4096,
             enforce_eager=True,
         )

@@ -70,7 +70,9 @@ class StaticKVMemory:
         self._num_blocks = num_blocks
         kind = self._extents[0].kind
         self._caps = (
-            STATIC_HOST_CAPABILITIES if kind is MemoryKind.HOST else STATIC_CUDA_CAPABILITIES
+            STATIC_HOST_CAPABILITIES
+            if kind is MemoryKind.HOST
+            else STATIC_CUDA_CAPABILITIES
         )
 
     @property
@@ -321,7 +323,12 @@ def _describe_host(
     if not partial:
         return StaticKVMemory(storages, num_blocks)
     s, spans = partial[0]
-    if len(storages) != 1 or block_spans is None or num_virtual_blocks is None or not spans:
+    if (
+        len(storages) != 1
+        or block_spans is None
+        or num_virtual_blocks is None
+        or not spans
+    ):
         raise KVMemoryError(
             f"KV storage at {s.base:#x} (+{s.nbytes} bytes) is partly mapped "
             f"({len(spans)} read-write range(s) in /proc/self/maps) and its "

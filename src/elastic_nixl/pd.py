@@ -79,7 +79,9 @@ class PDEngine:
             side_channel_port=spec.side_channel_port,
         )
         init_distributed(self.vllm_config)
-        self.kv_cache_config = make_kv_cache_config(self.vllm_config, spec.physical_blocks)
+        self.kv_cache_config = make_kv_cache_config(
+            self.vllm_config, spec.physical_blocks
+        )
         self.allocator: VmmKVAllocator | None = None
         if spec.memory == "vmm":
             ekv = allocate_elastic_kv_cache(
@@ -97,10 +99,15 @@ class PDEngine:
             self.kv_caches = allocate_kv_cache(
                 self.kv_cache_config, torch.device("cpu"), KVCacheLayout[spec.layout]
             )
-        cls = KVConnectorFactory.get_connector_class(self.vllm_config.kv_transfer_config)
-        self.scheduler = cls(self.vllm_config, KVConnectorRole.SCHEDULER, self.kv_cache_config)
+        cls = KVConnectorFactory.get_connector_class(
+            self.vllm_config.kv_transfer_config
+        )
+        self.scheduler: Any = cls(
+            self.vllm_config, KVConnectorRole.SCHEDULER, self.kv_cache_config
+        )
         from elastic_nixl.connector.connector import ElasticNixlConnector
 
+        self.worker: Any
         if issubclass(cls, ElasticNixlConnector):
             self.worker = cls(
                 self.vllm_config,
@@ -179,7 +186,9 @@ class PDEngine:
 
     # -- consumer ---------------------------------------------------------
 
-    def submit(self, req_id: str, params: dict[str, Any], block_ids: Sequence[int]) -> int:
+    def submit(
+        self, req_id: str, params: dict[str, Any], block_ids: Sequence[int]
+    ) -> int:
         """Admit a request whose KV lives on the producer, into ``block_ids``."""
         from vllm import SamplingParams
         from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -200,7 +209,9 @@ class PDEngine:
         for pos, b in enumerate(block_ids):
             for layer in self.layer_names:
                 view = self.kv_caches[layer][b].view(torch.int16)
-                if not torch.equal(view, block_pattern(f"{req_id}/{pos}/{layer}", view.shape)):
+                if not torch.equal(
+                    view, block_pattern(f"{req_id}/{pos}/{layer}", view.shape)
+                ):
                     bad.append(pos)
                     break
         return bad

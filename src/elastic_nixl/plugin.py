@@ -17,7 +17,7 @@ def register() -> None:
             CONNECTOR_NAME, CONNECTOR_MODULE, CONNECTOR_NAME
         )
     except ValueError:
-        if KVConnectorFactory.get_connector_class_by_name(CONNECTOR_NAME).__module__ != (
-            CONNECTOR_MODULE
-        ):
+        if KVConnectorFactory.get_connector_class_by_name(
+            CONNECTOR_NAME
+        ).__module__ != (CONNECTOR_MODULE):
             raise

@@ -61,15 +61,27 @@ def allocate_elastic_kv_cache(
     vllm_config: VllmConfig,
     kv_cache_config: KVCacheConfig,
     backend: MemoryBackend,
-    num_virtual_blocks: int,
-    chunk_bytes: int,
+    num_virtual_blocks: int | None = None,
+    chunk_bytes: int | None = None,
     name: str = "kv",
 ) -> ElasticKVCache:
     """vLLM's KV views over an elastic reservation of ``num_virtual_blocks``.
 
-    Nothing is mapped yet: call ``allocator.grow_to(kv_cache_config.num_blocks)``
-    to back vLLM's physical budget.
+    Sizes default to the connector's settings (``virtual_blocks``, else four
+    times vLLM's physical budget; ``chunk_bytes``). Nothing is mapped yet:
+    call ``allocator.grow_to(kv_cache_config.num_blocks)`` to back vLLM's
+    physical budget.
     """
+    from elastic_nixl.config import ElasticNixlSettings
+
+    ktc = vllm_config.kv_transfer_config
+    settings = ElasticNixlSettings.from_extra_config(
+        ktc.kv_connector_extra_config if ktc is not None else None
+    )
+    if num_virtual_blocks is None:
+        num_virtual_blocks = settings.virtual_blocks or 4 * kv_cache_config.num_blocks
+    if chunk_bytes is None:
+        chunk_bytes = max(settings.chunk_bytes, backend.granularity)
     layout = vllm_config.cache_config.get_resolved_kv_cache_layout()
     tensors = kv_cache_config.kv_cache_tensors
     if not tensors:
@@ -79,8 +91,10 @@ def allocate_elastic_kv_cache(
         raise ValueError("KV cache tensors must share one backing allocation")
     bytes_per_block = sizes.pop() // kv_cache_config.num_blocks
     first = tensors[0]
-    unit = first.block_stride if layout.is_block_outermost else _page_bytes(
-        kv_cache_config, first
+    unit = (
+        first.block_stride
+        if layout.is_block_outermost
+        else _page_bytes(kv_cache_config, first)
     )
     v = aligned_virtual_blocks(
         num_virtual_blocks, unit, chunk_bytes, layer_outer=layout.is_layer_compact

@@ -18,8 +18,14 @@ def test_defaults():
 
 def test_values_and_vllm_keys_pass_through():
     s = ElasticNixlSettings.from_extra_config(
-        {"allocator": "VMM", "virtual_blocks": 4096, "chunk_bytes": 1 << 21,
-         "backends": ["UCX"], "num_threads": 2, "enforce_handshake_compat": False}
+        {
+            "allocator": "VMM",
+            "virtual_blocks": 4096,
+            "chunk_bytes": 1 << 21,
+            "backends": ["UCX"],
+            "num_threads": 2,
+            "enforce_handshake_compat": False,
+        }
     )
     assert s.allocator is AllocatorChoice.VMM
     assert s.virtual_blocks == 4096 and s.chunk_bytes == 1 << 21
@@ -52,8 +58,14 @@ def test_parse_alloc_conf():
 @pytest.mark.parametrize(
     ("env", "source"),
     [
-        ({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}, "PYTORCH_CUDA_ALLOC_CONF"),
-        ({"PYTORCH_ALLOC_CONF": "foo:1,expandable_segments:true"}, "PYTORCH_ALLOC_CONF"),
+        (
+            {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+            "PYTORCH_CUDA_ALLOC_CONF",
+        ),
+        (
+            {"PYTORCH_ALLOC_CONF": "foo:1,expandable_segments:true"},
+            "PYTORCH_ALLOC_CONF",
+        ),
         ({"PYTORCH_ALLOC_CONF": "expandable_segments:False"}, None),
         # A substring match would misfire on these.
         ({"PYTORCH_ALLOC_CONF": "not_expandable_segments:True"}, None),

@@ -152,7 +152,9 @@ def test_static_memory_is_vanilla(make_engine):
 def test_interop_with_vanilla_nixl_connector(make_engine, direction):
     elastic = {"virtual_blocks": V, "physical_blocks": P}
     vanilla = {"memory": "static", "connector": "NixlConnector", "physical_blocks": P}
-    p_kw, c_kw = (vanilla, elastic) if direction == "vanilla-to-elastic" else (elastic, vanilla)
+    p_kw, c_kw = (
+        (vanilla, elastic) if direction == "vanilla-to-elastic" else (elastic, vanilla)
+    )
     prod = make_engine("kv_producer", f"p-{direction}", **p_kw)
     cons = make_engine("kv_consumer", f"d-{direction}", **c_kw)
     params = prod.prefill("r", [4, 5, 6])

@@ -116,7 +116,12 @@ class TestPlanRead:
         lg = RegionGeometry(0x10000, 64, 256)
         rg = RegionGeometry(0x90000, 64, 256)
         plan = plan_read(
-            [lg], [rg], [[0, 1]], [[0, 1]], index((0x10000, 4096)), index((0x90000, 4096))
+            [lg],
+            [rg],
+            [[0, 1]],
+            [[0, 1]],
+            index((0x10000, 4096)),
+            index((0x90000, 4096)),
         )
         assert plan.num_descs == 2
 
@@ -148,7 +153,12 @@ class TestPlanRead:
     def test_negative_ids_refused(self):
         with pytest.raises(DescriptorPlanError):
             plan_read(
-                [self.L], [self.R], [[0]], [[-1]], index((0x10000, 64)), index((0x90000, 64))
+                [self.L],
+                [self.R],
+                [[0]],
+                [[-1]],
+                index((0x10000, 64)),
+                index((0x90000, 64)),
             )
 
     def test_block_len_mismatch(self):

@@ -11,14 +11,21 @@ def test_entry_point_registers_connector_and_is_idempotent():
     from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
     from vllm.plugins import load_general_plugins
 
-    eps = [ep for ep in entry_points(group="vllm.general_plugins") if ep.name == "elastic_nixl"]
+    eps = [
+        ep
+        for ep in entry_points(group="vllm.general_plugins")
+        if ep.name == "elastic_nixl"
+    ]
     assert len(eps) == 1
     load_general_plugins()
     eps[0].load()()  # a second load in the same process is harmless
     from elastic_nixl.connector.connector import ElasticNixlConnector
 
     vc = make_vllm_config("kv_producer")
-    assert KVConnectorFactory.get_connector_class(vc.kv_transfer_config) is ElasticNixlConnector
+    assert (
+        KVConnectorFactory.get_connector_class(vc.kv_transfer_config)
+        is ElasticNixlConnector
+    )
 
 
 def test_module_path_resolves_the_same_class():
@@ -28,7 +35,10 @@ def test_module_path_resolves_the_same_class():
     from elastic_nixl.connector.connector import ElasticNixlConnector
 
     vc = make_vllm_config("kv_producer", module_path="elastic_nixl")
-    assert KVConnectorFactory.get_connector_class(vc.kv_transfer_config) is ElasticNixlConnector
+    assert (
+        KVConnectorFactory.get_connector_class(vc.kv_transfer_config)
+        is ElasticNixlConnector
+    )
     assert elastic_nixl.ElasticNixlConnector is ElasticNixlConnector
 
 

@@ -95,9 +95,7 @@ def block_spans(regions: list[Region], block_id: int) -> list[tuple[int, int]]:
     ]
 
 
-def mapped_prefix_blocks(
-    regions: list[Region], coverage: list[tuple[int, int]]
-) -> int:
+def mapped_prefix_blocks(regions: list[Region], coverage: list[tuple[int, int]]) -> int:
     """How many leading blocks ``0..n-1`` are inside registered coverage in
     every region: what a vanilla peer, which preps a descriptor per block, may
     address."""

@@ -136,7 +136,10 @@ class PeerView:
         regions = [
             RegionGeometry(base, block_len, stride)
             for base, block_len, stride in zip(
-                meta.kv_caches_base_addr, meta.block_lens, meta.block_strides, strict=True
+                meta.kv_caches_base_addr,
+                meta.block_lens,
+                meta.block_strides,
+                strict=True,
             )
         ]
         ext = meta if isinstance(meta, ElasticAgentMetadata) else None
@@ -149,7 +152,11 @@ class PeerView:
             # are what it promises to be readable.
             counts = meta.region_num_blocks or [meta.num_blocks] * len(regions)
             extents = sorted(
-                {(g.base, n * g.block_stride) for g, n in zip(regions, counts, strict=True) if n}
+                {
+                    (g.base, n * g.block_stride)
+                    for g, n in zip(regions, counts, strict=True)
+                    if n
+                }
             )
             elastic = False
             epoch = 0
@@ -216,7 +223,9 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         self._reported_epoch = -1
         self._peer_lock = threading.Lock()
         self._peers: dict[tuple[EngineId, int], PeerView] = {}
-        self._fetched: dict[tuple[EngineId, int], tuple[ElasticAgentMetadata, str, int]] = {}
+        self._fetched: dict[
+            tuple[EngineId, int], tuple[ElasticAgentMetadata, str, int]
+        ] = {}
         self._required_epochs: dict[str, int] = {}
         self._send_leases: dict[str, Lease] = {}
         self._recv_leases: dict[str, Lease] = {}
@@ -279,12 +288,13 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         return views
 
     def _check_elastic_supported(self) -> None:
+        ratio = self._physical_blocks_per_logical_kv_block
         unsupported = {
             "kv_buffer_device='cpu' staging on a GPU": self.use_host_buffer,
             "pipeline_parallel_size > 1": self.pp_size > 1,
-            "prefill/decode context parallelism": self.pcp_size > 1 or self.dcp_size > 1,
-            "kernel block size != block_size": self._physical_blocks_per_logical_kv_block
-            != 1,
+            "prefill/decode context parallelism": self.pcp_size > 1
+            or self.dcp_size > 1,
+            "kernel block size != block_size": ratio != 1,
         }
         for what, present in unsupported.items():
             if present:
@@ -599,7 +609,9 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             fresh.epoch,
         )
 
-    def _cleanup_remote_engine(self, engine_id: EngineId, *args: Any, **kwargs: Any) -> None:
+    def _cleanup_remote_engine(
+        self, engine_id: EngineId, *args: Any, **kwargs: Any
+    ) -> None:
         handles = self.dst_xfer_side_handles.get(engine_id, {})
         for rank in [r for r, h in handles.items() if h == PER_REQUEST_HANDLE]:
             del handles[rank]
@@ -658,13 +670,18 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             if gid >= len(meta.remote.block_ids):
                 continue
             ids = np.asarray(meta.remote.block_ids[gid], dtype=np.int64)
-            if len(ids) and view.extents.uncovered(
-                g.base + ids * g.block_stride, g.block_len
-            ).any():
+            if (
+                len(ids)
+                and view.extents.uncovered(
+                    g.base + ids * g.block_stride, g.block_len
+                ).any()
+            ):
                 return True
         return False
 
-    def _refresh_then_read(self, req_id: str, meta: ReqMeta, engine_id: EngineId) -> None:
+    def _refresh_then_read(
+        self, req_id: str, meta: ReqMeta, engine_id: EngineId
+    ) -> None:
         """Refresh on the handshake thread (NIXL is driven by one background
         thread), then queue the read for the next start_load_kv."""
         ranks = [rank for (eid, rank) in list(self._peers) if eid == engine_id]
@@ -734,7 +751,9 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
                 self._local_geometry(),
                 view.regions,
                 self._ids_by_region(local_ids, self.region_group_ids),
-                self._ids_by_region(remote_ids, self.dst_region_group_ids[dst_engine_id]),
+                self._ids_by_region(
+                    remote_ids, self.dst_region_group_ids[dst_engine_id]
+                ),
                 self._local_extents(),
                 view.extents,
                 local_device=self.device_id,
@@ -742,12 +761,16 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             )
             flat_local = [b for group in local_ids for b in group]
             if self.memory is not None and self.elastic:
-                self._recv_leases[request_id] = self.memory.lease(sorted(set(flat_local)))
+                self._recv_leases[request_id] = self.memory.lease(
+                    sorted(set(flat_local))
+                )
             mem_type = self.nixl_memory_type
             handle = self.nixl_wrapper.initialize_xfer(
                 "READ",
                 self.nixl_wrapper.get_xfer_descs(plan.local, mem_type),
-                self.nixl_wrapper.get_xfer_descs(plan.remote, view_mem_type(self, dst_engine_id)),
+                self.nixl_wrapper.get_xfer_descs(
+                    plan.remote, view_mem_type(self, dst_engine_id)
+                ),
                 view.agent_name,
                 notif_id,
             )
@@ -762,7 +785,9 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
                 remote_rank=remote_rank,
             )
             self._release_recv_lease(request_id)
-            if not self._handle_failed_transfer(request_id, handle, self._recv_failures):
+            if not self._handle_failed_transfer(
+                request_id, handle, self._recv_failures
+            ):
                 assert handle is not None
                 self._recving_transfers[request_id].append(handle)
             return False
@@ -779,7 +804,10 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         return [
             RegionGeometry(b, n, s)
             for b, n, s in zip(
-                bases, self.block_len_per_layer, self.block_stride_per_layer, strict=True
+                bases,
+                self.block_len_per_layer,
+                self.block_stride_per_layer,
+                strict=True,
             )
         ]
 
@@ -788,7 +816,9 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             with self._reg_lock:
                 return ExtentIndex.build(self._registered.keys())
         assert self.memory is not None
-        return ExtentIndex.build((e.base, e.nbytes) for e in self.memory.mapped_extents())
+        return ExtentIndex.build(
+            (e.base, e.nbytes) for e in self.memory.mapped_extents()
+        )
 
     @staticmethod
     def _ids_by_region(
@@ -828,7 +858,9 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         for size in [s for s, h in handles.items() if h == PER_REQUEST_HANDLE]:
             del handles[size]
         for engine_handles in self.dst_xfer_side_handles.values():
-            for rank in [r for r, h in engine_handles.items() if h == PER_REQUEST_HANDLE]:
+            for rank in [
+                r for r, h in engine_handles.items() if h == PER_REQUEST_HANDLE
+            ]:
                 del engine_handles[rank]
         super().shutdown()
         with self._reg_lock:

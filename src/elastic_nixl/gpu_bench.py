@@ -1,0 +1,633 @@
+"""Two-process NIXL transfer benchmark: vanilla descriptors vs elastic_nixl.
+
+Runs without vLLM (its wheel is too big to carry to the GPU machine): the
+project's allocator, registration planning, per-request descriptor planning
+and staging, moved by real NIXL agents in two processes. Rank 0 is the
+passive producer, rank 1 the consumer that READs, as in vLLM's pull mode.
+
+Cases, all in one run, KV shaped like Llama-3-8B by default (32 layers,
+8 KV heads, head dim 128, block 16, bf16: 64 KiB per layer per block):
+
+* ``ceiling``: raw NIXL READ, 2 MiB descriptors, cudaMalloc -> cudaMalloc;
+* ``a_vanilla_static``: vanilla NixlConnector's scheme, one prepped
+  descriptor per (layer, block), ``make_prepped_xfer`` by index;
+* ``b_project_static``: per-request descriptors from ``plan_read``;
+* ``c_project_vmm``: VMM memory on both sides through the staged path
+  (gather -> READ of whole slots -> scatter, pipelined over two slots);
+* ``d_project_vmm_direct``: VMM memory read directly (what UCX does with it
+  when nothing stages: software emulation over TCP), on a small batch.
+
+Also: cost of growing registered memory (map + NIXL register per chunk) and
+of staging (gather / scatter GB/s). Every case verifies the bytes it moved.
+
+Usage: ``python -m elastic_nixl.gpu_bench --device cuda --json out.json``;
+``--device cpu`` runs the same code on host memory (small sizes) for CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from elastic_nixl.allocator.core import BlockGeometry, VmmKVAllocator
+from elastic_nixl.connector.planning import (
+    ExtentIndex,
+    RegionGeometry,
+    plan_read,
+)
+from elastic_nixl.staging import StagingBuffer, chunk_ids
+
+TIMEOUT_S = 120.0
+
+
+@dataclass
+class Shape:
+    layers: int = 32
+    kv_heads: int = 8
+    head_dim: int = 128
+    block_size: int = 16
+    dtype_bytes: int = 2
+
+    @property
+    def page(self) -> int:
+        return 2 * self.kv_heads * self.block_size * self.head_dim * self.dtype_bytes
+
+
+@dataclass
+class CaseResult:
+    case: str
+    batch_bytes: int
+    descriptors: int
+    seconds: list[float] = field(default_factory=list)
+    verified: bool = False
+    note: str = ""
+
+    @property
+    def gbps(self) -> float:
+        return self.batch_bytes / statistics.median(self.seconds) / 1e9 if self.seconds else 0.0
+
+
+def _fingerprint(t: torch.Tensor) -> tuple[int, int]:
+    v = t.contiguous().view(torch.int64)
+    return int(v.sum().item()), int(v[::97].sum().item())
+
+
+class Side:
+    """One process: memories registered with its own NIXL agent."""
+
+    def __init__(self, rank: int, args: argparse.Namespace) -> None:
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        self.rank = rank
+        self.args = args
+        self.shape = Shape(layers=args.layers)
+        cuda = args.device == "cuda"
+        self.dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(self.dev)
+        self.dev_id = rank if cuda else 0
+        self.mem = "VRAM" if cuda else "DRAM"
+        self.agent = nixl_agent(f"gpu-bench-{rank}", nixl_agent_config(backends=["UCX"]))
+        L, nb, page = self.shape.layers, args.num_blocks, self.shape.page
+        # vLLM's static buffer in a layer-outer layout (LBHNC): [L, NB, page].
+        self.static = torch.empty((L, nb, page), dtype=torch.uint8, device=self.dev)
+        # Elastic memory, same geometry, virtual capacity beyond what is mapped.
+        if cuda:
+            from elastic_nixl.allocator.cuda import CudaBackend
+
+            backend: Any = CudaBackend(rank)
+        else:
+            from elastic_nixl.allocator.host import HostBackend
+
+            backend = HostBackend()
+        self.virtual = nb + args.grow_blocks
+        geometry = BlockGeometry.layer_outermost(page, L, self.virtual)
+        self.alloc = VmmKVAllocator(
+            backend, geometry, self.virtual, args.chunk_bytes, name=f"bench{rank}"
+        )
+        self.alloc.grow_to(nb)
+        self.vmm = (
+            self.alloc.tensor()[: L * self.virtual * page]
+            .view(torch.uint8)
+            .view(L, self.virtual, page)
+        )
+        self.staging = StagingBuffer(L, page, args.slot_blocks, args.slots, self.dev)
+        self.ceiling = torch.empty(args.ceiling_bytes, dtype=torch.uint8, device=self.dev)
+        if rank == 0:
+            g = torch.Generator(device=self.dev).manual_seed(1234)
+            for t in (self.static, self.ceiling):
+                t.view(torch.int32).copy_(
+                    torch.randint(-(2**31), 2**31 - 1, t.view(torch.int32).shape,
+                                  generator=g, device=self.dev, dtype=torch.int32)
+                )
+            self.vmm[:, :nb].copy_(self.static)
+        self.registered: dict[tuple[int, int], Any] = {}
+        for t in (self.static, self.staging.buffer, self.ceiling):
+            self._register(t.data_ptr(), t.numel())
+        for e in self.alloc.mapped_extents():
+            self._register(e.base, e.nbytes)
+        self._sync()
+
+    def _register(self, base: int, nbytes: int) -> None:
+        descs = self.agent.get_reg_descs([(base, nbytes, self.dev_id, "")], self.mem)
+        self.agent.register_memory(descs)
+        self.registered[(base, nbytes)] = descs
+
+    def _sync(self) -> None:
+        if self.dev.type == "cuda":
+            torch.cuda.synchronize(self.dev)
+
+    def extents(self, which: str) -> list[tuple[int, int]]:
+        if which == "static":
+            return [(self.static.data_ptr(), self.static.numel())]
+        return [(e.base, e.nbytes) for e in self.alloc.mapped_extents()]
+
+    def regions(self, which: str) -> list[RegionGeometry]:
+        t = self.static if which == "static" else self.vmm
+        page = self.shape.page
+        return [RegionGeometry(t[layer].data_ptr(), page, page) for layer in range(t.shape[0])]
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "meta": self.agent.get_agent_metadata(),
+            "static": self.extents("static"),
+            "static_regions": [(r.base, r.block_len, r.block_stride) for r in self.regions("static")],
+            "vmm": self.extents("vmm"),
+            "vmm_regions": [(r.base, r.block_len, r.block_stride) for r in self.regions("vmm")],
+            "staging": self.staging.geometry.base,
+            "ceiling": self.ceiling.data_ptr(),
+        }
+
+    def fingerprint(self, which: str, ids: list[int]) -> tuple[int, int]:
+        t = self.static if which == "static" else self.vmm
+        idx = torch.tensor(ids, device=self.dev)
+        return _fingerprint(t.index_select(1, idx))
+
+    def wait(self, handle: Any) -> str:
+        deadline = time.monotonic() + TIMEOUT_S
+        state = self.agent.check_xfer_state(handle)
+        while state == "PROC":
+            if time.monotonic() > deadline:
+                raise TimeoutError("NIXL transfer did not finish")
+            state = self.agent.check_xfer_state(handle)
+        return state
+
+
+# ---------------------------------------------------------------------------
+# Producer (rank 0): answers staging requests.
+# ---------------------------------------------------------------------------
+
+
+def producer_loop(side: Side, conn: Any, peer: str) -> None:
+    while True:
+        msg = conn.recv()
+        kind = msg[0]
+        if kind == "stop":
+            return
+        if kind == "fingerprint":
+            conn.send(side.fingerprint(msg[1], msg[2]))
+        elif kind == "ceiling_fp":
+            conn.send(_fingerprint(side.ceiling[: msg[1]]))
+        elif kind == "stage":
+            serve_staged(side, msg[1], msg[2], peer)
+            conn.send("staged-done")
+        elif kind == "grow":
+            conn.send(measure_growth(side, msg[1]))
+        elif kind == "stage_cost":
+            conn.send(measure_staging(side, msg[1]))
+
+
+def _notifs(side: Side) -> list[bytes]:
+    out: list[bytes] = []
+    for msgs in side.agent.get_new_notifs().values():
+        out.extend(msgs)
+    return out
+
+
+def serve_staged(side: Side, which: str, ids: list[int], peer: str) -> None:
+    """Gather chunk k into slot k % slots once the consumer freed it; announce it."""
+    chunks = chunk_ids(ids, side.args.slot_blocks)
+    layers = side.static if which == "static" else side.vmm
+    nslots = side.staging.geometry.slots
+    freed: set[int] = set()
+    pending: dict[int, Any] = {}
+    k_next = 0
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(freed) < len(chunks):
+        for m in _notifs(side):
+            if m.startswith(b"F"):
+                freed.add(int(m[1:]))
+        while k_next < len(chunks) and (k_next < nslots or (k_next - nslots) in freed):
+            idx = torch.tensor(chunks[k_next], device=side.dev)
+            side.staging.gather(layers, idx, k_next % nslots)
+            ev = torch.cuda.Event() if side.dev.type == "cuda" else None
+            if ev is not None:
+                ev.record()
+            pending[k_next] = ev
+            k_next += 1
+        for k in sorted(pending):
+            ev = pending[k]
+            if ev is None or ev.query():
+                side.agent.send_notif(peer, f"S{k}:{len(chunks[k])}".encode())
+                del pending[k]
+        if time.monotonic() > deadline:
+            raise TimeoutError("staged transfer stalled on the producer")
+
+
+def measure_growth(side: Side, blocks: int) -> dict[str, float]:
+    """Map more memory and register it, as the connector does on a MAPPED event."""
+    nb = side.args.num_blocks
+    t0 = time.perf_counter()
+    new = side.alloc.map_blocks(range(nb, nb + blocks))
+    t1 = time.perf_counter()
+    for e in new:
+        side._register(e.base, e.nbytes)
+    t2 = time.perf_counter()
+    chunks = max(len(new), 1)
+    return {
+        "chunks": float(len(new)),
+        "map_ms_per_chunk": (t1 - t0) * 1e3 / chunks,
+        "register_ms_per_chunk": (t2 - t1) * 1e3 / chunks,
+        "chunk_bytes": float(side.alloc.chunk_bytes),
+    }
+
+
+def measure_staging(side: Side, ids: list[int]) -> dict[str, float]:
+    layers = side.vmm
+    chunk = ids[: side.args.slot_blocks]
+    idx = torch.tensor(chunk, device=side.dev)
+    nbytes = len(chunk) * side.shape.page * side.shape.layers
+    out: dict[str, float] = {}
+    for name, fn in (("gather", side.staging.gather), ("scatter", side.staging.scatter)):
+        fn(layers, idx, 0)
+        side._sync()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            fn(layers, idx, 0)
+        side._sync()
+        out[f"{name}_gbps"] = nbytes * 10 / (time.perf_counter() - t0) / 1e9
+    return out
+
+
+# ---------------------------------------------------------------------------
+# Consumer (rank 1): runs the cases.
+# ---------------------------------------------------------------------------
+
+
+def run_ceiling(side: Side, peer: str, remote: dict[str, Any], nbytes: int) -> CaseResult:
+    d = 2 << 20
+    n = nbytes // d
+    loc = np.array([[side.ceiling.data_ptr() + i * d, d, side.dev_id] for i in range(n)], dtype=np.uint64)
+    rem = np.array([[remote["ceiling"] + i * d, d, 1 - side.rank if side.dev.type == "cuda" else 0] for i in range(n)], dtype=np.uint64)
+    res = CaseResult("ceiling", n * d, n, note="new xfer handle per batch, as the cases below")
+    reuse = CaseResult("ceiling_reused_handle", n * d, n, note="one handle re-posted (shared/device probe's method)")
+    ld, rd = side.agent.get_xfer_descs(loc, side.mem), side.agent.get_xfer_descs(rem, side.mem)
+    for _ in range(side.args.repeats + 1):
+        t0 = time.perf_counter()
+        h = side.agent.initialize_xfer("READ", ld, rd, peer, b"")
+        side.agent.transfer(h)
+        state = side.wait(h)
+        res.seconds.append(time.perf_counter() - t0)
+        side.agent.release_xfer_handle(h)
+        assert state == "DONE", state
+    res.seconds = res.seconds[1:]
+    h = side.agent.initialize_xfer("READ", ld, rd, peer, b"")
+    for _ in range(side.args.repeats + 1):
+        t0 = time.perf_counter()
+        side.agent.transfer(h)
+        assert side.wait(h) == "DONE"
+        reuse.seconds.append(time.perf_counter() - t0)
+    side.agent.release_xfer_handle(h)
+    reuse.seconds = reuse.seconds[1:]
+    return res, reuse
+
+
+def run_vanilla(side: Side, peer: str, remote: dict[str, Any], batches: list[tuple[list[int], list[int]]]) -> CaseResult:
+    """vLLM 0.32's scheme: prepped dlists of every (layer, block), indexed per request."""
+    L, nb, page = side.shape.layers, side.args.num_blocks, side.shape.page
+    rdev = 1 - side.rank if side.dev.type == "cuda" else 0
+
+    def all_blocks(regions: list[tuple[int, int, int]], dev: int) -> np.ndarray:
+        rows = np.empty((L * nb, 3), dtype=np.uint64)
+        for layer, (base, _, stride) in enumerate(regions):
+            rows[layer * nb : (layer + 1) * nb, 0] = base + np.arange(nb, dtype=np.uint64) * stride
+        rows[:, 1] = page
+        rows[:, 2] = dev
+        return rows
+
+    t0 = time.perf_counter()
+    local = side.agent.prep_xfer_dlist(
+        "NIXL_INIT_AGENT",
+        side.agent.get_xfer_descs(all_blocks([(r.base, r.block_len, r.block_stride) for r in side.regions("static")], side.dev_id), side.mem),
+    )
+    remote_h = side.agent.prep_xfer_dlist(
+        peer, side.agent.get_xfer_descs(all_blocks(remote["static_regions"], rdev), side.mem)
+    )
+    prep_s = time.perf_counter() - t0
+    res = CaseResult("a_vanilla_static", 0, 0, note=f"prep {L * nb} descs/side in {prep_s:.2f} s")
+    for lids, rids in batches:
+        li = [layer * nb + b for layer in range(L) for b in lids]
+        ri = [layer * nb + b for layer in range(L) for b in rids]
+        t0 = time.perf_counter()
+        h = side.agent.make_prepped_xfer("READ", local, li, remote_h, ri, b"")
+        side.agent.transfer(h)
+        state = side.wait(h)
+        res.seconds.append(time.perf_counter() - t0)
+        side.agent.release_xfer_handle(h)
+        assert state == "DONE", state
+        res.batch_bytes, res.descriptors = len(li) * page, len(li)
+    side.agent.release_dlist_handle(local)
+    side.agent.release_dlist_handle(remote_h)
+    return res
+
+
+def run_planned(side: Side, peer: str, remote: dict[str, Any], which: str,
+                batches: list[tuple[list[int], list[int]]], name: str) -> CaseResult:
+    """The project's direct path: descriptors planned per request, coalesced."""
+    rdev = 1 - side.rank if side.dev.type == "cuda" else 0
+    lreg = side.regions(which)
+    rreg = [RegionGeometry(*r) for r in remote[f"{which}_regions"]]
+    lext, rext = ExtentIndex.build(side.extents(which)), ExtentIndex.build(remote[which])
+    res = CaseResult(name, 0, 0)
+    for lids, rids in batches:
+        t0 = time.perf_counter()
+        plan = plan_read(lreg, rreg, [lids] * len(lreg), [rids] * len(rreg), lext, rext,
+                         side.dev_id, rdev)
+        h = side.agent.initialize_xfer(
+            "READ",
+            side.agent.get_xfer_descs(plan.local, side.mem),
+            side.agent.get_xfer_descs(plan.remote, side.mem),
+            peer,
+            b"",
+        )
+        side.agent.transfer(h)
+        state = side.wait(h)
+        res.seconds.append(time.perf_counter() - t0)
+        side.agent.release_xfer_handle(h)
+        assert state == "DONE", state
+        res.batch_bytes, res.descriptors = plan.nbytes, plan.num_descs
+    return res
+
+
+def run_staged(side: Side, peer: str, remote: dict[str, Any], conn: Any, which: str,
+               batches: list[tuple[list[int], list[int]]], name: str) -> CaseResult:
+    """Through slots: the producer gathers, we READ whole slots, then scatter.
+
+    Slot descriptors are prepped once (the staging buffers never move), so a
+    chunk costs one ``make_prepped_xfer``.
+    """
+    rdev = 1 - side.rank if side.dev.type == "cuda" else 0
+    L, page = side.shape.layers, side.shape.page
+    sg = side.staging.geometry
+    from elastic_nixl.staging import SlotGeometry
+
+    rg = SlotGeometry(remote["staging"], L, sg.slot_blocks, page, sg.slots)
+    layers = side.static if which == "static" else side.vmm
+    nslots = sg.slots
+    full_l = np.concatenate([sg.descriptors(k, sg.slot_blocks, side.dev_id) for k in range(nslots)])
+    full_r = np.concatenate([rg.descriptors(k, sg.slot_blocks, rdev) for k in range(nslots)])
+    prep_l = side.agent.prep_xfer_dlist("NIXL_INIT_AGENT", side.agent.get_xfer_descs(full_l, side.mem))
+    prep_r = side.agent.prep_xfer_dlist(peer, side.agent.get_xfer_descs(full_r, side.mem))
+    res = CaseResult(name, 0, 0)
+    for lids, rids in batches:
+        chunks_l = chunk_ids(lids, sg.slot_blocks)
+        t0 = time.perf_counter()
+        # Ask the producer to stage; its "done" is read after our loop.
+        conn.send(("to_producer", ("stage", which, rids)))
+        reads: dict[int, Any] = {}
+        scatters: dict[int, Any] = {}
+        done = 0
+        descs = 0
+        deadline = time.monotonic() + TIMEOUT_S
+        while done < len(chunks_l):
+            for m in _notifs(side):
+                if m.startswith(b"S"):
+                    k_s, n_s = m[1:].split(b":")
+                    k, n = int(k_s), int(n_s)
+                    slot = k % nslots
+                    if n == sg.slot_blocks:
+                        idx = list(range(slot * L, (slot + 1) * L))
+                        h = side.agent.make_prepped_xfer("READ", prep_l, idx, prep_r, idx, b"")
+                    else:
+                        h = side.agent.initialize_xfer(
+                            "READ",
+                            side.agent.get_xfer_descs(sg.descriptors(slot, n, side.dev_id), side.mem),
+                            side.agent.get_xfer_descs(rg.descriptors(slot, n, rdev), side.mem),
+                            peer,
+                            b"",
+                        )
+                    side.agent.transfer(h)
+                    reads[k] = h
+                    descs += L
+            for k in sorted(reads):
+                state = side.agent.check_xfer_state(reads[k])
+                if state == "PROC":
+                    continue
+                assert state == "DONE", state
+                side.agent.release_xfer_handle(reads.pop(k))
+                idx = torch.tensor(chunks_l[k], device=side.dev)
+                side.staging.scatter(layers, idx, k % nslots)
+                ev = torch.cuda.Event() if side.dev.type == "cuda" else None
+                if ev is not None:
+                    ev.record()
+                scatters[k] = ev
+            for k in sorted(scatters):
+                ev = scatters[k]
+                if ev is None or ev.query():
+                    side.agent.send_notif(peer, f"F{k}".encode())
+                    del scatters[k]
+                    done += 1
+            if time.monotonic() > deadline:
+                raise TimeoutError("staged transfer stalled on the consumer")
+        side._sync()
+        res.seconds.append(time.perf_counter() - t0)
+        assert conn.recv() == "staged-done"
+        res.batch_bytes, res.descriptors = len(lids) * L * page, descs
+    side.agent.release_dlist_handle(prep_l)
+    side.agent.release_dlist_handle(prep_r)
+    return res
+
+
+def consumer_main(side: Side, conn: Any, peer: str, remote: dict[str, Any]) -> dict[str, Any]:
+    args = side.args
+    rng = np.random.default_rng(args.seed)
+    nb = args.num_blocks
+    per_batch = args.batch_bytes // (side.shape.page * side.shape.layers)
+
+    def batches(count: int, n: int) -> list[tuple[list[int], list[int]]]:
+        out = []
+        for _ in range(count):
+            rids = sorted(rng.choice(nb, size=n, replace=False).tolist())
+            lids = sorted(rng.choice(nb, size=n, replace=False).tolist())
+            out.append((lids, rids))
+        return out
+
+    def ask(msg: Any) -> Any:
+        conn.send(("to_producer", msg))
+        return conn.recv()
+
+    def verify(res: CaseResult, which: str, lids: list[int], rids: list[int]) -> CaseResult:
+        mine = side.fingerprint(which, lids)
+        theirs = ask(("fingerprint", which if which == "static" else "vmm", rids))
+        res.verified = mine == tuple(theirs)
+        return res
+
+    results: list[CaseResult] = []
+    res, reuse = run_ceiling(side, peer, remote, args.ceiling_bytes)
+    res.verified = reuse.verified = _fingerprint(side.ceiling) == tuple(
+        ask(("ceiling_fp", args.ceiling_bytes))
+    )
+    results += [res, reuse]
+    b = batches(args.repeats, per_batch)
+    res = run_vanilla(side, peer, remote, b)
+    results.append(verify(res, "static", *b[-1]))
+    side.static.zero_()
+    res = run_staged(side, peer, remote, conn, "static", b, "b_project_static_staged")
+    results.append(verify(res, "static", *b[-1]))
+    side.static.zero_()
+    res = run_planned(side, peer, remote, "static", b, "b_project_static_direct")
+    results.append(verify(res, "static", *b[-1]))
+    bv = batches(args.repeats, per_batch)
+    res = run_staged(side, peer, remote, conn, "vmm", bv, "c_project_vmm_staged")
+    results.append(verify(res, "vmm", *bv[-1]))
+    small = batches(1, max(1, min(per_batch, args.direct_vmm_blocks)))
+    res = run_planned(side, peer, remote, "vmm", small, "d_project_vmm_direct")
+    res.note = "no staging: what UCX does with VMM memory on its own"
+    results.append(verify(res, "vmm", *small[-1]))
+    growth = ask(("grow", args.grow_blocks))
+    stage_cost = ask(("stage_cost", bv[-1][1]))
+    return {
+        "results": [asdict(r) | {"gbps": r.gbps} for r in results],
+        "growth": growth,
+        "staging": stage_cost,
+    }
+
+
+def child(rank: int, conn: Any, args: argparse.Namespace) -> None:
+    try:
+        side = Side(rank, args)
+        conn.send(side.info())
+        peer_info = conn.recv()
+        peer = side.agent.add_remote_agent(peer_info["meta"])
+        if isinstance(peer, bytes):
+            peer = peer.decode()
+        # Both agents must know each other before notifications flow.
+        conn.send("ready")
+        conn.recv()
+        if rank == 0:
+            producer_loop(side, conn, peer)
+        else:
+            conn.send(("result", consumer_main(side, conn, peer, peer_info)))
+    except Exception as e:  # noqa: BLE001 - reported to the parent
+        import traceback
+
+        conn.send(("error", f"rank {rank}: {e!r}\n{traceback.format_exc()}"))
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    pipes = [ctx.Pipe() for _ in range(2)]
+    procs = [ctx.Process(target=child, args=(r, pipes[r][1], args), daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    conns = [p[0] for p in pipes]
+    try:
+        infos = [_recv(c) for c in conns]
+        conns[0].send(infos[1])
+        conns[1].send(infos[0])
+        for c in conns:
+            assert _recv(c) == "ready"
+        for c in conns:
+            c.send("go")
+        while True:
+            msg = _recv(conns[1], timeout=600)
+            if msg[0] == "to_producer":
+                conns[0].send(msg[1])
+                conns[1].send(_recv(conns[0], timeout=600))
+            elif msg[0] == "result":
+                conns[0].send(("stop",))
+                return dict(msg[1])
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+
+
+def _recv(conn: Any, timeout: float = 300) -> Any:
+    if not conn.poll(timeout):
+        raise TimeoutError("benchmark child did not answer")
+    msg = conn.recv()
+    if isinstance(msg, tuple) and msg and msg[0] == "error":
+        raise RuntimeError(msg[1])
+    return msg
+
+
+def table(out: dict[str, Any]) -> str:
+    rows = out["results"]
+    by = {r["case"]: r for r in rows}
+    ceiling = max(by["ceiling"]["gbps"], by["ceiling_reused_handle"]["gbps"])
+    vanilla = by["a_vanilla_static"]["gbps"]
+    lines = [
+        "| case | GB/s | x best ceiling | x vanilla (a) | descriptors/batch | batch MiB | verified | note |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['case']} | {r['gbps']:.1f} | {r['gbps'] / ceiling:.2f} | "
+            f"{r['gbps'] / vanilla:.1f} | {r['descriptors']} | {r['batch_bytes'] / 2**20:.0f} | "
+            f"{r['verified']} | {r['note']} |"
+        )
+    g, s = out["growth"], out["staging"]
+    lines.append("")
+    lines.append(
+        f"growth: {g['chunks']:.0f} chunks of {g['chunk_bytes'] / 2**20:.0f} MiB, map "
+        f"{g['map_ms_per_chunk']:.3f} ms/chunk, NIXL register {g['register_ms_per_chunk']:.3f} ms/chunk"
+    )
+    lines.append(f"staging: gather {s['gather_gbps']:.0f} GB/s, scatter {s['scatter_gbps']:.0f} GB/s")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m elastic_nixl.gpu_bench")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--num-blocks", type=int, default=4096)
+    p.add_argument("--batch-bytes", type=int, default=1 << 30)
+    p.add_argument("--ceiling-bytes", type=int, default=1 << 30)
+    p.add_argument("--slot-blocks", type=int, default=32)
+    p.add_argument("--slots", type=int, default=4)
+    p.add_argument("--chunk-bytes", type=int, default=2 << 20)
+    p.add_argument("--grow-blocks", type=int, default=64)
+    p.add_argument("--direct-vmm-blocks", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    out = run(args)
+    out["args"] = vars(args)
+    out["env"] = {"UCX_TLS": os.environ.get("UCX_TLS", "(default)")}
+    if args.device == "cuda":
+        out["env"]["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    print(table(out))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    ok = all(r["verified"] for r in out["results"])
+    if not ok:
+        print("VERIFICATION FAILED", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -67,6 +67,7 @@ class RegistrationResult:
     mapped_bytes: int | None = None
     reserved_bytes: int | None = None
     regions: int | None = None
+    child_wall_s: float | None = None  # the whole child process, imports included
     detail: str = ""
 
     @property
@@ -170,59 +171,70 @@ def measure_registration(
     repeats: int,
     result: RegistrationResult,
 ) -> RegistrationResult:
-    """``repeats`` timed registrations plus one traced one, each on a fresh
-    connector that is shut down afterwards; fills ``result``."""
-    import msgspec
-
+    """``repeats`` timed registrations plus one traced one (tracemalloc slows
+    Python down, so that run is not timed), each on a fresh connector that is
+    shut down afterwards; fills ``result``. The first failure ends it."""
     for i in range(repeats + 1):
-        traced = i == repeats  # last run: tracemalloc on, not timed
         connector = make_connector()
+        counter = NixlCounter(connector.connector_worker.nixl_wrapper)
+        traced = i == repeats
         try:
-            worker = connector.connector_worker
-            counter = NixlCounter(worker.nixl_wrapper)
-            rss0 = _proc_status_kib("VmRSS")
-            hwm_ok = _reset_peak_rss()
-            if traced:
-                tracemalloc.start()
-            t0 = time.perf_counter()
-            try:
-                connector.register_kv_caches(kv_caches)
-            except Exception as e:  # noqa: BLE001 - an outcome, reported
-                result.outcome = _outcome(e)
-                result.detail = f"{type(e).__name__}: {e}"
-                return result
-            finally:
-                dt = time.perf_counter() - t0
-                if traced:
-                    result.peak_traced_bytes = tracemalloc.get_traced_memory()[1]
-                    tracemalloc.stop()
-            hwm = _proc_status_kib("VmHWM")
-            if not traced:
-                result.times_ms.append(dt * 1e3)
-                if hwm_ok and hwm is not None and rss0 is not None:
-                    delta = max(hwm - rss0, 0)
-                    result.peak_rss_delta_bytes = max(
-                        result.peak_rss_delta_bytes or 0, delta
-                    )
-            result.registered_bytes = counter.registered_bytes
-            result.registrations = counter.registrations
-            result.prepped_descs = counter.prepped_descs
-            result.advertised_descs = int(getattr(worker, "num_descs", 0) or 0)
-            result.regions = int(getattr(worker, "num_regions", 0) or 0)
-            payload = worker.xfer_handshake_metadata
-            result.handshake_bytes = (
-                len(msgspec.msgpack.encode(payload)) if payload is not None else 0
-            )
-            stats = getattr(worker, "elastic_stats", None)
-            if stats is not None and getattr(worker, "elastic", False):
-                result.stats_registered_bytes = stats.registered_bytes
+            _register_once(connector, kv_caches, traced, counter, result)
         finally:
             t0 = time.perf_counter()
             connector.shutdown()
             if result.ok and not traced:
                 result.shutdown_ms.append((time.perf_counter() - t0) * 1e3)
             result.registered_after_shutdown = counter.registered_bytes
+        if not result.ok:
+            break
     return result
+
+
+def _register_once(
+    connector: Any,
+    kv_caches: dict[str, Any],
+    traced: bool,
+    counter: NixlCounter,
+    result: RegistrationResult,
+) -> None:
+    import msgspec
+
+    worker = connector.connector_worker
+    rss0 = _proc_status_kib("VmRSS")
+    hwm_ok = _reset_peak_rss()
+    if traced:
+        tracemalloc.start()
+    t0 = time.perf_counter()
+    try:
+        connector.register_kv_caches(kv_caches)
+    except Exception as e:  # noqa: BLE001 - an outcome, reported
+        result.outcome = _outcome(e)
+        result.detail = f"{type(e).__name__}: {e}"
+        return
+    finally:
+        dt = time.perf_counter() - t0
+        if traced:
+            result.peak_traced_bytes = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    hwm = _proc_status_kib("VmHWM")
+    if not traced:
+        result.times_ms.append(dt * 1e3)
+        if hwm_ok and hwm is not None and rss0 is not None:
+            delta = max(hwm - rss0, 0)
+            result.peak_rss_delta_bytes = max(result.peak_rss_delta_bytes or 0, delta)
+    result.registered_bytes = counter.registered_bytes
+    result.registrations = counter.registrations
+    result.prepped_descs = counter.prepped_descs
+    result.advertised_descs = int(getattr(worker, "num_descs", 0) or 0)
+    result.regions = int(getattr(worker, "num_regions", 0) or 0)
+    payload = worker.xfer_handshake_metadata
+    result.handshake_bytes = (
+        len(msgspec.msgpack.encode(payload)) if payload is not None else 0
+    )
+    stats = getattr(worker, "elastic_stats", None)
+    if stats is not None and getattr(worker, "elastic", False):
+        result.stats_registered_bytes = stats.registered_bytes
 
 
 # ----------------------------------------------------------------------
@@ -380,6 +392,7 @@ def vanilla_on_elastic_child(
         env = dict(
             os.environ, VLLM_TARGET_DEVICE=os.environ.get("VLLM_TARGET_DEVICE", "cpu")
         )
+        t0 = time.perf_counter()
         try:
             proc = subprocess.run(
                 cmd, env=env, capture_output=True, text=True, timeout=timeout_s
@@ -387,9 +400,11 @@ def vanilla_on_elastic_child(
         except subprocess.TimeoutExpired:
             fallback.outcome = f"timed out after {timeout_s:.0f} s"
             return fallback
+        wall = time.perf_counter() - t0
         tail = "\n".join((proc.stderr or "").strip().splitlines()[-15:])
         if out.exists():
             res = RegistrationResult.from_dict(json.loads(out.read_text()))
+            res.child_wall_s = wall
             if proc.returncode != 0 and res.ok:
                 res.outcome = f"exit code {proc.returncode} after registering"
                 res.detail = tail
@@ -399,6 +414,7 @@ def vanilla_on_elastic_child(
         else:
             fallback.outcome = f"failed: child exit code {proc.returncode}"
         fallback.detail = tail
+        fallback.child_wall_s = wall
         return fallback
 
 
@@ -538,6 +554,7 @@ def main_registration(argv: list[str] | None = None) -> int:
     """``elastic-nixl bench registration``."""
     args = _parser().parse_args(argv)
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")  # NIXL logs INFO to stdout
     if args.vanilla_child:
         import faulthandler
 

@@ -22,7 +22,12 @@ def main(argv: list[str] | None = None) -> int:
     bench = sub.add_parser(
         "bench", help="benchmarks (ratios against vanilla, same run)"
     )
-    bench.add_argument("which", choices=["registration", "transfer"])
+    bench.add_argument(
+        "which",
+        choices=["registration", "transfer"],
+        help="registration: connectors on V >> P tensors; transfer: two-process "
+        "NIXL reads, vanilla descriptors vs ours (--device cuda|cpu)",
+    )
     args, rest = parser.parse_known_args(argv)
     if args.command == "doctor":
         from elastic_nixl.doctor import main_doctor
@@ -36,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         from elastic_nixl.bench import main_registration
 
         return main_registration(rest)
-    from elastic_nixl.bench import main_transfer
+    from elastic_nixl.gpu_bench import main as main_transfer
 
     return main_transfer(rest)
 

@@ -74,7 +74,11 @@ class CaseResult:
 
     @property
     def gbps(self) -> float:
-        return self.batch_bytes / statistics.median(self.seconds) / 1e9 if self.seconds else 0.0
+        return (
+            self.batch_bytes / statistics.median(self.seconds) / 1e9
+            if self.seconds
+            else 0.0
+        )
 
 
 def _fingerprint(t: torch.Tensor) -> tuple[int, int]:
@@ -97,7 +101,9 @@ class Side:
             torch.cuda.set_device(self.dev)
         self.dev_id = rank if cuda else 0
         self.mem = "VRAM" if cuda else "DRAM"
-        self.agent = nixl_agent(f"gpu-bench-{rank}", nixl_agent_config(backends=["UCX"]))
+        self.agent = nixl_agent(
+            f"gpu-bench-{rank}", nixl_agent_config(backends=["UCX"])
+        )
         L, nb, page = self.shape.layers, args.num_blocks, self.shape.page
         # vLLM's static buffer in a layer-outer layout (LBHNC): [L, NB, page].
         self.static = torch.empty((L, nb, page), dtype=torch.uint8, device=self.dev)
@@ -122,13 +128,21 @@ class Side:
             .view(L, self.virtual, page)
         )
         self.staging = StagingBuffer(L, page, args.slot_blocks, args.slots, self.dev)
-        self.ceiling = torch.empty(args.ceiling_bytes, dtype=torch.uint8, device=self.dev)
+        self.ceiling = torch.empty(
+            args.ceiling_bytes, dtype=torch.uint8, device=self.dev
+        )
         if rank == 0:
             g = torch.Generator(device=self.dev).manual_seed(1234)
             for t in (self.static, self.ceiling):
                 t.view(torch.int32).copy_(
-                    torch.randint(-(2**31), 2**31 - 1, t.view(torch.int32).shape,
-                                  generator=g, device=self.dev, dtype=torch.int32)
+                    torch.randint(
+                        -(2**31),
+                        2**31 - 1,
+                        t.view(torch.int32).shape,
+                        generator=g,
+                        device=self.dev,
+                        dtype=torch.int32,
+                    )
                 )
             self.vmm[:, :nb].copy_(self.static)
         self.registered: dict[tuple[int, int], Any] = {}
@@ -155,15 +169,22 @@ class Side:
     def regions(self, which: str) -> list[RegionGeometry]:
         t = self.static if which == "static" else self.vmm
         page = self.shape.page
-        return [RegionGeometry(t[layer].data_ptr(), page, page) for layer in range(t.shape[0])]
+        return [
+            RegionGeometry(t[layer].data_ptr(), page, page)
+            for layer in range(t.shape[0])
+        ]
 
     def info(self) -> dict[str, Any]:
         return {
             "meta": self.agent.get_agent_metadata(),
             "static": self.extents("static"),
-            "static_regions": [(r.base, r.block_len, r.block_stride) for r in self.regions("static")],
+            "static_regions": [
+                (r.base, r.block_len, r.block_stride) for r in self.regions("static")
+            ],
             "vmm": self.extents("vmm"),
-            "vmm_regions": [(r.base, r.block_len, r.block_stride) for r in self.regions("vmm")],
+            "vmm_regions": [
+                (r.base, r.block_len, r.block_stride) for r in self.regions("vmm")
+            ],
             "staging": self.staging.geometry.base,
             "ceiling": self.ceiling.data_ptr(),
         }
@@ -268,7 +289,10 @@ def measure_staging(side: Side, ids: list[int]) -> dict[str, float]:
     idx = torch.tensor(chunk, device=side.dev)
     nbytes = len(chunk) * side.shape.page * side.shape.layers
     out: dict[str, float] = {}
-    for name, fn in (("gather", side.staging.gather), ("scatter", side.staging.scatter)):
+    for name, fn in (
+        ("gather", side.staging.gather),
+        ("scatter", side.staging.scatter),
+    ):
         fn(layers, idx, 0)
         side._sync()
         t0 = time.perf_counter()
@@ -284,14 +308,39 @@ def measure_staging(side: Side, ids: list[int]) -> dict[str, float]:
 # ---------------------------------------------------------------------------
 
 
-def run_ceiling(side: Side, peer: str, remote: dict[str, Any], nbytes: int) -> CaseResult:
+def run_ceiling(
+    side: Side, peer: str, remote: dict[str, Any], nbytes: int
+) -> tuple[CaseResult, CaseResult]:
     d = 2 << 20
     n = nbytes // d
-    loc = np.array([[side.ceiling.data_ptr() + i * d, d, side.dev_id] for i in range(n)], dtype=np.uint64)
-    rem = np.array([[remote["ceiling"] + i * d, d, 1 - side.rank if side.dev.type == "cuda" else 0] for i in range(n)], dtype=np.uint64)
-    res = CaseResult("ceiling", n * d, n, note="new xfer handle per batch, as the cases below")
-    reuse = CaseResult("ceiling_reused_handle", n * d, n, note="one handle re-posted (shared/device probe's method)")
-    ld, rd = side.agent.get_xfer_descs(loc, side.mem), side.agent.get_xfer_descs(rem, side.mem)
+    loc = np.array(
+        [[side.ceiling.data_ptr() + i * d, d, side.dev_id] for i in range(n)],
+        dtype=np.uint64,
+    )
+    rem = np.array(
+        [
+            [
+                remote["ceiling"] + i * d,
+                d,
+                1 - side.rank if side.dev.type == "cuda" else 0,
+            ]
+            for i in range(n)
+        ],
+        dtype=np.uint64,
+    )
+    res = CaseResult(
+        "ceiling", n * d, n, note="new xfer handle per batch, as the cases below"
+    )
+    reuse = CaseResult(
+        "ceiling_reused_handle",
+        n * d,
+        n,
+        note="one handle re-posted (shared/device probe's method)",
+    )
+    ld, rd = (
+        side.agent.get_xfer_descs(loc, side.mem),
+        side.agent.get_xfer_descs(rem, side.mem),
+    )
     for _ in range(side.args.repeats + 1):
         t0 = time.perf_counter()
         h = side.agent.initialize_xfer("READ", ld, rd, peer, b"")
@@ -312,15 +361,22 @@ def run_ceiling(side: Side, peer: str, remote: dict[str, Any], nbytes: int) -> C
     return res, reuse
 
 
-def run_vanilla(side: Side, peer: str, remote: dict[str, Any], batches: list[tuple[list[int], list[int]]]) -> CaseResult:
-    """vLLM 0.32's scheme: prepped dlists of every (layer, block), indexed per request."""
+def run_vanilla(
+    side: Side,
+    peer: str,
+    remote: dict[str, Any],
+    batches: list[tuple[list[int], list[int]]],
+) -> CaseResult:
+    """vLLM 0.32's scheme: prepped dlists of every (layer, block), by index."""
     L, nb, page = side.shape.layers, side.args.num_blocks, side.shape.page
     rdev = 1 - side.rank if side.dev.type == "cuda" else 0
 
     def all_blocks(regions: list[tuple[int, int, int]], dev: int) -> np.ndarray:
         rows = np.empty((L * nb, 3), dtype=np.uint64)
         for layer, (base, _, stride) in enumerate(regions):
-            rows[layer * nb : (layer + 1) * nb, 0] = base + np.arange(nb, dtype=np.uint64) * stride
+            rows[layer * nb : (layer + 1) * nb, 0] = (
+                base + np.arange(nb, dtype=np.uint64) * stride
+            )
         rows[:, 1] = page
         rows[:, 2] = dev
         return rows
@@ -328,13 +384,22 @@ def run_vanilla(side: Side, peer: str, remote: dict[str, Any], batches: list[tup
     t0 = time.perf_counter()
     local = side.agent.prep_xfer_dlist(
         "NIXL_INIT_AGENT",
-        side.agent.get_xfer_descs(all_blocks([(r.base, r.block_len, r.block_stride) for r in side.regions("static")], side.dev_id), side.mem),
+        side.agent.get_xfer_descs(
+            all_blocks(
+                [(r.base, r.block_len, r.block_stride) for r in side.regions("static")],
+                side.dev_id,
+            ),
+            side.mem,
+        ),
     )
     remote_h = side.agent.prep_xfer_dlist(
-        peer, side.agent.get_xfer_descs(all_blocks(remote["static_regions"], rdev), side.mem)
+        peer,
+        side.agent.get_xfer_descs(all_blocks(remote["static_regions"], rdev), side.mem),
     )
     prep_s = time.perf_counter() - t0
-    res = CaseResult("a_vanilla_static", 0, 0, note=f"prep {L * nb} descs/side in {prep_s:.2f} s")
+    res = CaseResult(
+        "a_vanilla_static", 0, 0, note=f"prep {L * nb} descs/side in {prep_s:.2f} s"
+    )
     for lids, rids in batches:
         li = [layer * nb + b for layer in range(L) for b in lids]
         ri = [layer * nb + b for layer in range(L) for b in rids]
@@ -351,18 +416,35 @@ def run_vanilla(side: Side, peer: str, remote: dict[str, Any], batches: list[tup
     return res
 
 
-def run_planned(side: Side, peer: str, remote: dict[str, Any], which: str,
-                batches: list[tuple[list[int], list[int]]], name: str) -> CaseResult:
+def run_planned(
+    side: Side,
+    peer: str,
+    remote: dict[str, Any],
+    which: str,
+    batches: list[tuple[list[int], list[int]]],
+    name: str,
+) -> CaseResult:
     """The project's direct path: descriptors planned per request, coalesced."""
     rdev = 1 - side.rank if side.dev.type == "cuda" else 0
     lreg = side.regions(which)
     rreg = [RegionGeometry(*r) for r in remote[f"{which}_regions"]]
-    lext, rext = ExtentIndex.build(side.extents(which)), ExtentIndex.build(remote[which])
+    lext, rext = (
+        ExtentIndex.build(side.extents(which)),
+        ExtentIndex.build(remote[which]),
+    )
     res = CaseResult(name, 0, 0)
     for lids, rids in batches:
         t0 = time.perf_counter()
-        plan = plan_read(lreg, rreg, [lids] * len(lreg), [rids] * len(rreg), lext, rext,
-                         side.dev_id, rdev)
+        plan = plan_read(
+            lreg,
+            rreg,
+            [lids] * len(lreg),
+            [rids] * len(rreg),
+            lext,
+            rext,
+            side.dev_id,
+            rdev,
+        )
         h = side.agent.initialize_xfer(
             "READ",
             side.agent.get_xfer_descs(plan.local, side.mem),
@@ -379,8 +461,15 @@ def run_planned(side: Side, peer: str, remote: dict[str, Any], which: str,
     return res
 
 
-def run_staged(side: Side, peer: str, remote: dict[str, Any], conn: Any, which: str,
-               batches: list[tuple[list[int], list[int]]], name: str) -> CaseResult:
+def run_staged(
+    side: Side,
+    peer: str,
+    remote: dict[str, Any],
+    conn: Any,
+    which: str,
+    batches: list[tuple[list[int], list[int]]],
+    name: str,
+) -> CaseResult:
     """Through slots: the producer gathers, we READ whole slots, then scatter.
 
     Slot descriptors are prepped once (the staging buffers never move), so a
@@ -394,10 +483,18 @@ def run_staged(side: Side, peer: str, remote: dict[str, Any], conn: Any, which: 
     rg = SlotGeometry(remote["staging"], L, sg.slot_blocks, page, sg.slots)
     layers = side.static if which == "static" else side.vmm
     nslots = sg.slots
-    full_l = np.concatenate([sg.descriptors(k, sg.slot_blocks, side.dev_id) for k in range(nslots)])
-    full_r = np.concatenate([rg.descriptors(k, sg.slot_blocks, rdev) for k in range(nslots)])
-    prep_l = side.agent.prep_xfer_dlist("NIXL_INIT_AGENT", side.agent.get_xfer_descs(full_l, side.mem))
-    prep_r = side.agent.prep_xfer_dlist(peer, side.agent.get_xfer_descs(full_r, side.mem))
+    full_l = np.concatenate(
+        [sg.descriptors(k, sg.slot_blocks, side.dev_id) for k in range(nslots)]
+    )
+    full_r = np.concatenate(
+        [rg.descriptors(k, sg.slot_blocks, rdev) for k in range(nslots)]
+    )
+    prep_l = side.agent.prep_xfer_dlist(
+        "NIXL_INIT_AGENT", side.agent.get_xfer_descs(full_l, side.mem)
+    )
+    prep_r = side.agent.prep_xfer_dlist(
+        peer, side.agent.get_xfer_descs(full_r, side.mem)
+    )
     res = CaseResult(name, 0, 0)
     for lids, rids in batches:
         chunks_l = chunk_ids(lids, sg.slot_blocks)
@@ -417,12 +514,18 @@ def run_staged(side: Side, peer: str, remote: dict[str, Any], conn: Any, which: 
                     slot = k % nslots
                     if n == sg.slot_blocks:
                         idx = list(range(slot * L, (slot + 1) * L))
-                        h = side.agent.make_prepped_xfer("READ", prep_l, idx, prep_r, idx, b"")
+                        h = side.agent.make_prepped_xfer(
+                            "READ", prep_l, idx, prep_r, idx, b""
+                        )
                     else:
                         h = side.agent.initialize_xfer(
                             "READ",
-                            side.agent.get_xfer_descs(sg.descriptors(slot, n, side.dev_id), side.mem),
-                            side.agent.get_xfer_descs(rg.descriptors(slot, n, rdev), side.mem),
+                            side.agent.get_xfer_descs(
+                                sg.descriptors(slot, n, side.dev_id), side.mem
+                            ),
+                            side.agent.get_xfer_descs(
+                                rg.descriptors(slot, n, rdev), side.mem
+                            ),
                             peer,
                             b"",
                         )
@@ -435,8 +538,9 @@ def run_staged(side: Side, peer: str, remote: dict[str, Any], conn: Any, which: 
                     continue
                 assert state == "DONE", state
                 side.agent.release_xfer_handle(reads.pop(k))
-                idx = torch.tensor(chunks_l[k], device=side.dev)
-                side.staging.scatter(layers, idx, k % nslots)
+                side.staging.scatter(
+                    layers, torch.tensor(chunks_l[k], device=side.dev), k % nslots
+                )
                 ev = torch.cuda.Event() if side.dev.type == "cuda" else None
                 if ev is not None:
                     ev.record()
@@ -458,7 +562,9 @@ def run_staged(side: Side, peer: str, remote: dict[str, Any], conn: Any, which: 
     return res
 
 
-def consumer_main(side: Side, conn: Any, peer: str, remote: dict[str, Any]) -> dict[str, Any]:
+def consumer_main(
+    side: Side, conn: Any, peer: str, remote: dict[str, Any]
+) -> dict[str, Any]:
     args = side.args
     rng = np.random.default_rng(args.seed)
     nb = args.num_blocks
@@ -476,7 +582,9 @@ def consumer_main(side: Side, conn: Any, peer: str, remote: dict[str, Any]) -> d
         conn.send(("to_producer", msg))
         return conn.recv()
 
-    def verify(res: CaseResult, which: str, lids: list[int], rids: list[int]) -> CaseResult:
+    def verify(
+        res: CaseResult, which: str, lids: list[int], rids: list[int]
+    ) -> CaseResult:
         mine = side.fingerprint(which, lids)
         theirs = ask(("fingerprint", which if which == "static" else "vmm", rids))
         res.verified = mine == tuple(theirs)
@@ -537,7 +645,10 @@ def child(rank: int, conn: Any, args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     pipes = [ctx.Pipe() for _ in range(2)]
-    procs = [ctx.Process(target=child, args=(r, pipes[r][1], args), daemon=True) for r in range(2)]
+    procs = [
+        ctx.Process(target=child, args=(r, pipes[r][1], args), daemon=True)
+        for r in range(2)
+    ]
     for p in procs:
         p.start()
     conns = [p[0] for p in pipes]
@@ -579,22 +690,28 @@ def table(out: dict[str, Any]) -> str:
     ceiling = max(by["ceiling"]["gbps"], by["ceiling_reused_handle"]["gbps"])
     vanilla = by["a_vanilla_static"]["gbps"]
     lines = [
-        "| case | GB/s | x best ceiling | x vanilla (a) | descriptors/batch | batch MiB | verified | note |",
+        "| case | GB/s | x best ceiling | x vanilla (a) | descriptors/batch "
+        "| batch MiB | verified | note |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['case']} | {r['gbps']:.1f} | {r['gbps'] / ceiling:.2f} | "
-            f"{r['gbps'] / vanilla:.1f} | {r['descriptors']} | {r['batch_bytes'] / 2**20:.0f} | "
+            f"{r['gbps'] / vanilla:.1f} | {r['descriptors']} | "
+            f"{r['batch_bytes'] / 2**20:.0f} | "
             f"{r['verified']} | {r['note']} |"
         )
     g, s = out["growth"], out["staging"]
     lines.append("")
     lines.append(
         f"growth: {g['chunks']:.0f} chunks of {g['chunk_bytes'] / 2**20:.0f} MiB, map "
-        f"{g['map_ms_per_chunk']:.3f} ms/chunk, NIXL register {g['register_ms_per_chunk']:.3f} ms/chunk"
+        f"{g['map_ms_per_chunk']:.3f} ms/chunk, NIXL register "
+        f"{g['register_ms_per_chunk']:.3f} ms/chunk"
     )
-    lines.append(f"staging: gather {s['gather_gbps']:.0f} GB/s, scatter {s['scatter_gbps']:.0f} GB/s")
+    lines.append(
+        f"staging: gather {s['gather_gbps']:.0f} GB/s, "
+        f"scatter {s['scatter_gbps']:.0f} GB/s"
+    )
     return "\n".join(lines)
 
 
@@ -618,7 +735,9 @@ def main(argv: list[str] | None = None) -> int:
     out["args"] = vars(args)
     out["env"] = {"UCX_TLS": os.environ.get("UCX_TLS", "(default)")}
     if args.device == "cuda":
-        out["env"]["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        out["env"]["gpus"] = [
+            torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())
+        ]
     print(table(out))
     if args.json:
         with open(args.json, "w") as f:

@@ -304,7 +304,32 @@ def resolve_kv_memory(
         return owner
     if choice is AllocatorChoice.AUTO and storages[0].kind is MemoryKind.HOST:
         return _describe_host(storages, num_blocks, block_spans, num_virtual_blocks)
+    if choice is AllocatorChoice.AUTO and storages[0].kind is MemoryKind.CUDA:
+        return _describe_cuda(storages, num_blocks, block_spans, num_virtual_blocks)
     return StaticKVMemory(storages, num_blocks)
+
+
+def _describe_cuda(
+    storages: list[MemoryExtent],
+    num_blocks: int,
+    block_spans: Callable[[int], list[tuple[int, int]]] | None,
+    num_virtual_blocks: int | None,
+) -> KVMemory:
+    """cudaMalloc memory is static; VMM memory of unknown origin (kvcached,
+    vLLM's cumem pool) is described from the driver's pointer attributes."""
+    from elastic_nixl.cuda_discovery import DiscoveredCudaMemory, describe_cuda_pointer
+
+    infos = [describe_cuda_pointer(s.base, device=s.device) for s in storages]
+    if not any(i.is_vmm for i in infos):
+        return StaticKVMemory(storages, num_blocks)
+    if len(storages) != 1 or block_spans is None or num_virtual_blocks is None:
+        raise KVMemoryError(
+            f"KV storages {[hex(s.base) for s in storages]} are CUDA VMM memory of "
+            "unknown origin spread over several reservations; elastic_nixl can "
+            "describe one reservation. Use allocator='vmm' (elastic_nixl's "
+            "allocator) or implement elastic_nixl.capabilities.KVMemory."
+        )
+    return DiscoveredCudaMemory(storages[0], block_spans, num_virtual_blocks)
 
 
 def _describe_host(

@@ -51,7 +51,9 @@ class SlotGeometry:
             )
         rows = np.empty((self.num_layers, 3), dtype=np.uint64)
         start = self.base + slot * self.slot_bytes
-        rows[:, 0] = start + np.arange(self.num_layers, dtype=np.uint64) * self.layer_bytes
+        rows[:, 0] = (
+            start + np.arange(self.num_layers, dtype=np.uint64) * self.layer_bytes
+        )
         rows[:, 1] = num_blocks * self.page_bytes
         rows[:, 2] = device
         return rows

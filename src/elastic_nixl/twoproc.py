@@ -89,10 +89,16 @@ class _LogCapture(logging.Handler):
 
     def __init__(self, maxlen: int = 2000) -> None:
         super().__init__(logging.WARNING)
-        self.lines: collections.deque[tuple[int, str]] = collections.deque(maxlen=maxlen)
+        self.lines: collections.deque[tuple[int, str]] = collections.deque(
+            maxlen=maxlen
+        )
         self.count = 0
+        self._last: logging.LogRecord | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
+        if record is self._last:
+            return  # seen through both the "vllm" and the root logger
+        self._last = record
         try:
             msg = record.getMessage().splitlines()[0] if record.msg else ""
         except Exception:  # noqa: BLE001 - a bad record must not break the loop
@@ -112,7 +118,9 @@ class _Hosted:
         spec = engine.spec
         self.physical = int(spec.physical_blocks)
         self.virtual = (
-            int(self.alloc.num_virtual_blocks) if self.alloc is not None else self.physical
+            int(self.alloc.num_virtual_blocks)
+            if self.alloc is not None
+            else self.physical
         )
         # Block 0 is vLLM's null block: never handed to a request.
         self.wanted: set[int] = set(range(1, self.physical))
@@ -128,10 +136,13 @@ class _Hosted:
         )
         self.completed_recv = 0
         self.completed_send = 0
+        self.last_step = 0.0
 
     # -- pool -----------------------------------------------------------------
 
-    def take(self, req: str, n: int | None, ids: Sequence[int] | None) -> list[int] | None:
+    def take(
+        self, req: str, n: int | None, ids: Sequence[int] | None
+    ) -> list[int] | None:
         """Block ids for ``req``: given (tests forge them) or sampled from the
         free pool; ``None`` when the pool is short."""
         if req in self.busy:
@@ -185,7 +196,9 @@ class _ChildServer:
             except (EOFError, OSError):
                 return  # the parent is gone
             for h in list(self.engines.values()):
-                self._step(h)
+                # Idle engines step now and then (notifications, expiries).
+                if h.is_busy(now) or now - h.last_step > 0.05:
+                    self._step(h)
 
     def _dispatch(self, msg: tuple[Any, ...]) -> None:
         _, call_id, op, kwargs = msg
@@ -195,13 +208,19 @@ class _ChildServer:
             self.conn.send(("reply", call_id, True, value))
         except Exception as e:  # noqa: BLE001 - reported to the parent
             self.conn.send(
-                ("reply", call_id, False, (type(e).__name__, str(e), traceback.format_exc()))
+                (
+                    "reply",
+                    call_id,
+                    False,
+                    (type(e).__name__, str(e), traceback.format_exc()),
+                )
             )
 
     def _emit(self, kind: str, payload: dict[str, Any]) -> None:
         self.conn.send(("event", kind, payload))
 
     def _step(self, h: _Hosted) -> None:
+        h.last_step = time.monotonic()
         sending, recving = h.engine.step()
         for req in sorted(sending):
             if req in h.sending:
@@ -297,7 +316,8 @@ class _ChildServer:
             "layout": engine.spec.layout,
             "build_s": time.monotonic() - t0,
             "shapes": {
-                n: [list(t.shape), list(t.stride())] for n, t in engine.kv_caches.items()
+                n: [list(t.shape), list(t.stride())]
+                for n, t in engine.kv_caches.items()
             },
         }
 
@@ -306,7 +326,11 @@ class _ChildServer:
         h.engine.shutdown()
 
     def op_prefill(
-        self, engine: str, req: str, n: int | None = None, block_ids: Sequence[int] | None = None
+        self,
+        engine: str,
+        req: str,
+        n: int | None = None,
+        block_ids: Sequence[int] | None = None,
     ) -> dict[str, Any] | None:
         """Write the pattern into blocks from the pool; the params to forward."""
         h = self.engines[engine]
@@ -500,7 +524,9 @@ class Child:
         ctx = mp.get_context("spawn")
         self.conn, child_conn = ctx.Pipe()
         full_env = dict(CHILD_ENV_DEFAULTS)
-        full_env.update({k: v for k, v in os.environ.items() if k in CHILD_ENV_DEFAULTS})
+        full_env.update(
+            {k: v for k, v in os.environ.items() if k in CHILD_ENV_DEFAULTS}
+        )
         full_env.update(env or {})
         self.proc = ctx.Process(
             target=_child_main,
@@ -602,8 +628,12 @@ class Coordinator:
 
     # -- lifecycle ------------------------------------------------------------
 
-    def start(self, names: Iterable[str], env: dict[str, str] | None = None,
-              timeout: float = DEFAULT_START_TIMEOUT_S) -> list[Child]:
+    def start(
+        self,
+        names: Iterable[str],
+        env: dict[str, str] | None = None,
+        timeout: float = DEFAULT_START_TIMEOUT_S,
+    ) -> list[Child]:
         """Start children in parallel and wait until each answers a ping."""
         started = []
         for name in names:
@@ -686,14 +716,22 @@ class Coordinator:
             raise ChildError(child.name, op, kind, message, tb)
         return value
 
-    def call(self, child: Child, op: str, timeout: float = DEFAULT_CALL_TIMEOUT_S,
-             **kwargs: Any) -> Any:
+    def call(
+        self,
+        child: Child,
+        op: str,
+        timeout: float = DEFAULT_CALL_TIMEOUT_S,
+        **kwargs: Any,
+    ) -> Any:
         """Run ``op`` in ``child`` and return its value (events are queued)."""
         call_id = child.send(op, **kwargs)
         return self._wait_reply(child, call_id, op, time.monotonic() + timeout)
 
-    def call_all(self, calls: Sequence[tuple[Child, str, dict[str, Any]]],
-                 timeout: float = DEFAULT_CALL_TIMEOUT_S) -> list[Any]:
+    def call_all(
+        self,
+        calls: Sequence[tuple[Child, str, dict[str, Any]]],
+        timeout: float = DEFAULT_CALL_TIMEOUT_S,
+    ) -> list[Any]:
         """Run commands in several children at once (e.g. building engines)."""
         deadline = time.monotonic() + timeout
         ids = [(c, c.send(op, **kw), op) for c, op, kw in calls]
@@ -709,15 +747,31 @@ class Coordinator:
 
     # -- engines --------------------------------------------------------------
 
-    def add_engine(self, child: Child, name: str, timeout: float = DEFAULT_START_TIMEOUT_S,
-                   seed: int = 0, permute_local_kv: bool = False,
-                   **spec: Any) -> EngineRef:
-        info = self.call(child, "add_engine", timeout=timeout, name=name, spec=spec,
-                         seed=seed, permute_local_kv=permute_local_kv)
+    def add_engine(
+        self,
+        child: Child,
+        name: str,
+        timeout: float = DEFAULT_START_TIMEOUT_S,
+        seed: int = 0,
+        permute_local_kv: bool = False,
+        **spec: Any,
+    ) -> EngineRef:
+        info = self.call(
+            child,
+            "add_engine",
+            timeout=timeout,
+            name=name,
+            spec=spec,
+            seed=seed,
+            permute_local_kv=permute_local_kv,
+        )
         return EngineRef(child, name, info)
 
-    def add_engines(self, specs: Sequence[tuple[Child, str, dict[str, Any]]],
-                    timeout: float = DEFAULT_START_TIMEOUT_S) -> list[EngineRef]:
+    def add_engines(
+        self,
+        specs: Sequence[tuple[Child, str, dict[str, Any]]],
+        timeout: float = DEFAULT_START_TIMEOUT_S,
+    ) -> list[EngineRef]:
         """Build engines in several children in parallel.
 
         Each spec dict may carry ``seed`` and ``permute_local_kv``; the rest is
@@ -728,31 +782,58 @@ class Coordinator:
             spec = dict(spec)
             seed = spec.pop("seed", 0)
             permute = spec.pop("permute_local_kv", False)
-            calls.append((child, "add_engine", {
-                "name": name, "spec": spec, "seed": seed, "permute_local_kv": permute,
-            }))
+            calls.append(
+                (
+                    child,
+                    "add_engine",
+                    {
+                        "name": name,
+                        "spec": spec,
+                        "seed": seed,
+                        "permute_local_kv": permute,
+                    },
+                )
+            )
         infos = self.call_all(calls, timeout=timeout)
         return [EngineRef(c, n, i) for (c, n, _), i in zip(specs, infos, strict=True)]
 
-    def op(self, ref: EngineRef, op: str, timeout: float = DEFAULT_CALL_TIMEOUT_S,
-           **kwargs: Any) -> Any:
+    def op(
+        self,
+        ref: EngineRef,
+        op: str,
+        timeout: float = DEFAULT_CALL_TIMEOUT_S,
+        **kwargs: Any,
+    ) -> Any:
         return self.call(ref.child, op, timeout=timeout, engine=ref.name, **kwargs)
 
     def stats(self, ref: EngineRef) -> dict[str, Any]:
         return dict(self.op(ref, "stats"))
 
     def logs(self, ref_or_child: EngineRef | Child, since: int = 0) -> dict[str, Any]:
-        child = ref_or_child.child if isinstance(ref_or_child, EngineRef) else ref_or_child
+        child = (
+            ref_or_child.child if isinstance(ref_or_child, EngineRef) else ref_or_child
+        )
         return dict(self.call(child, "logs", since=since))
 
     # -- proxy ----------------------------------------------------------------
 
-    def prefill(self, p: EngineRef, req: str, n: int | None = None,
-                block_ids: Sequence[int] | None = None) -> dict[str, Any] | None:
+    def prefill(
+        self,
+        p: EngineRef,
+        req: str,
+        n: int | None = None,
+        block_ids: Sequence[int] | None = None,
+    ) -> dict[str, Any] | None:
         return self.op(p, "prefill", req=req, n=n, block_ids=block_ids)
 
-    def submit(self, d: EngineRef, req: str, params: dict[str, Any], n: int | None = None,
-               block_ids: Sequence[int] | None = None) -> dict[str, Any] | None:
+    def submit(
+        self,
+        d: EngineRef,
+        req: str,
+        params: dict[str, Any],
+        n: int | None = None,
+        block_ids: Sequence[int] | None = None,
+    ) -> dict[str, Any] | None:
         return self.op(d, "submit", req=req, params=params, n=n, block_ids=block_ids)
 
     def wait_recv(self, req: str, timeout: float = 60.0) -> dict[str, Any]:
@@ -763,23 +844,41 @@ class Coordinator:
         self.wait_for(lambda: req in self.sent_done, timeout, f"{req} to be sent")
         return self.sent_done.pop(req)
 
-    def transfer(self, p: EngineRef, d: EngineRef, req: str, n: int,
-                 timeout: float = 60.0, wait_sent: bool = True,
-                 producer_ids: Sequence[int] | None = None,
-                 consumer_ids: Sequence[int] | None = None) -> Outcome:
+    def transfer(
+        self,
+        p: EngineRef,
+        d: EngineRef,
+        req: str,
+        n: int,
+        timeout: float = 60.0,
+        wait_sent: bool = True,
+        producer_ids: Sequence[int] | None = None,
+        consumer_ids: Sequence[int] | None = None,
+    ) -> Outcome:
         """One request end to end: prefill, forward, receive, verify, free."""
-        pre = self.prefill(p, req, n=None if producer_ids else n, block_ids=producer_ids)
+        pre = self.prefill(
+            p, req, n=None if producer_ids else n, block_ids=producer_ids
+        )
         if pre is None:
             raise RuntimeError(f"{p.name}: pool has fewer than {n} free blocks")
-        sub = self.submit(d, req, pre["params"], n=None if consumer_ids else n,
-                          block_ids=consumer_ids)
+        sub = self.submit(
+            d, req, pre["params"], n=None if consumer_ids else n, block_ids=consumer_ids
+        )
         if sub is None:
             raise RuntimeError(f"{d.name}: pool has fewer than {n} free blocks")
         res = self.wait_recv(req, timeout)
         if wait_sent and res["ok"]:
             self.wait_sent(req, timeout)
-        return Outcome(req, res["ok"], res["failed_ids"], res["bad_positions"],
-                       pre["block_ids"], res["block_ids"], res["bytes"], res["latency_s"])
+        return Outcome(
+            req,
+            res["ok"],
+            res["failed_ids"],
+            res["bad_positions"],
+            pre["block_ids"],
+            res["block_ids"],
+            res["bytes"],
+            res["latency_s"],
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -802,6 +901,9 @@ class Workload:
     # connector's leases must keep them mapped until the read is done.
     shrink_live: bool = True
     timeout_s: float = 300.0
+    # After the last verification, how long to wait for the producer's
+    # finished_sending of every request (its blocks and leases are freed then).
+    send_grace_s: float = 10.0
 
 
 @dataclass
@@ -826,10 +928,15 @@ class RunStats:
     refreshes: int = 0
     refused_reads: int = 0
     p_grows: int = 0
+    p_demand_grows: int = 0
     p_shrinks: int = 0
     d_grows: int = 0
     d_shrinks: int = 0
     deferred_by_lease: int = 0
+    sends_confirmed: int = 0
+    sends_unconfirmed: int = 0
+    p_physical: int = 0
+    d_physical: int = 0
     p_max_block_id: int = 0
     d_max_block_id: int = 0
     p_blocks_beyond_physical: int = 0
@@ -847,52 +954,73 @@ class RunStats:
             self.failed == 0
             and self.corrupted_blocks == 0
             and self.unmapped_reads == 0
+            and self.sends_unconfirmed == 0
             and not self.errors
-            and self.ok == self.requests
+            and self.ok == self.requests > 0
         )
 
     def rows(self) -> list[tuple[str, str]]:
-        mb = self.bytes / 1e6
         return [
             ("requests (ok / failed)", f"{self.requests} ({self.ok} / {self.failed})"),
-            ("blocks transferred / verified", f"{self.blocks} / {self.blocks_verified}"),
+            (
+                "blocks transferred / verified",
+                f"{self.blocks} / {self.blocks_verified}",
+            ),
             ("corrupted blocks", str(self.corrupted_blocks)),
             ("reads of unmapped memory (SIGSEGV)", str(self.unmapped_reads)),
-            ("bytes transferred", f"{mb:.2f} MB"),
-            ("throughput", f"{self.throughput_mb_s:.1f} MB/s"),
-            ("latency p50 / p99", f"{self.latency_p50_ms:.1f} / {self.latency_p99_ms:.1f} ms"),
+            ("bytes transferred", f"{self.bytes / 1e6:.2f} MB"),
+            ("throughput", f"{self.throughput_mb_s:.2f} MB/s"),
+            (
+                "latency p50 / p99",
+                f"{self.latency_p50_ms:.1f} / {self.latency_p99_ms:.1f} ms",
+            ),
             ("wall time (transfers)", f"{self.wall_s:.2f} s"),
-            ("prefill: grows / shrinks", f"{self.p_grows} / {self.p_shrinks}"),
-            ("decode: grows / shrinks", f"{self.d_grows} / {self.d_shrinks}"),
-            ("prefill: NIXL registrations / deregistrations",
-             f"{self.p_registrations} / {self.p_deregistrations}"),
-            ("decode: NIXL registrations / deregistrations",
-             f"{self.d_registrations} / {self.d_deregistrations}"),
+            (
+                "prefill grows (on demand) / shrinks",
+                f"{self.p_grows} ({self.p_demand_grows}) / {self.p_shrinks}",
+            ),
+            ("decode grows / shrinks", f"{self.d_grows} / {self.d_shrinks}"),
+            (
+                "prefill NIXL registrations / deregistrations",
+                f"{self.p_registrations} / {self.p_deregistrations}",
+            ),
+            (
+                "decode NIXL registrations / deregistrations",
+                f"{self.d_registrations} / {self.d_deregistrations}",
+            ),
             ("prefill / decode mapping epoch", f"{self.p_epoch} / {self.d_epoch}"),
             ("consumer metadata refreshes", str(self.refreshes)),
             ("unmaps deferred by leases (blocks)", str(self.deferred_by_lease)),
+            (
+                "finished_sending confirmed / missing",
+                f"{self.sends_confirmed} / {self.sends_unconfirmed}",
+            ),
             ("reads refused by the connector", str(self.refused_reads)),
-            ("prefill: max block id (physical budget)",
-             f"{self.p_max_block_id} (< {self._p_phys})"),
-            ("decode: max block id (physical budget)",
-             f"{self.d_max_block_id} (< {self._d_phys})"),
-            ("blocks at ids >= physical budget (P / D)",
-             f"{self.p_blocks_beyond_physical} / {self.d_blocks_beyond_physical}"),
-            ("mapped chunks min-max (P / D)",
-             f"{self.p_mapped_chunks[0]}-{self.p_mapped_chunks[1]} / "
-             f"{self.d_mapped_chunks[0]}-{self.d_mapped_chunks[1]}"),
+            (
+                "max block id P / D (physical budget)",
+                f"{self.p_max_block_id} / {self.d_max_block_id} "
+                f"({self.p_physical} / {self.d_physical})",
+            ),
+            (
+                "blocks at ids >= physical budget P / D",
+                f"{self.p_blocks_beyond_physical} / {self.d_blocks_beyond_physical}",
+            ),
+            (
+                "mapped chunks min-max P / D",
+                f"{self.p_mapped_chunks[0]}-{self.p_mapped_chunks[1]} / "
+                f"{self.d_mapped_chunks[0]}-{self.d_mapped_chunks[1]}",
+            ),
         ]
-
-    _p_phys: int = 0
-    _d_phys: int = 0
 
     def table(self) -> str:
         rows = self.rows()
         width = max(len(k) for k, _ in rows)
-        lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 24}"]
+        lines = [f"{'metric':<{width}}  value", f"{'-' * width}  {'-' * 28}"]
         lines += [f"{k:<{width}}  {v}" for k, v in rows]
         if self.errors:
-            lines += ["errors:"] + [f"  {e}" for e in self.errors[:20]]
+            lines += [f"errors ({len(self.errors)}):"] + [
+                f"  {e}" for e in self.errors[:20]
+            ]
         lines.append("RESULT: " + ("PASS" if self.passed else "FAIL"))
         return "\n".join(lines)
 
@@ -910,28 +1038,24 @@ def _percentile(xs: Sequence[float], q: float) -> float:
 
 
 class _Side:
-    """Parent's view of one elastic engine for growth choices."""
+    """Parent's view of one engine, for choosing where to grow."""
 
     def __init__(self, ref: EngineRef, rng: random.Random, grow_blocks: int) -> None:
         self.ref = ref
-        self.rng = rng
         self.physical = int(ref.info["physical_blocks"])
         self.virtual = int(ref.info["virtual_blocks"])
         self.elastic = bool(ref.info["elastic"])
-        self.grow_blocks = grow_blocks
+        # Regions of grow_blocks beyond the physical budget, used in a random
+        # order so the mapped memory has holes.
         self.slots = list(range(max(0, (self.virtual - self.physical) // grow_blocks)))
-        self.rng.shuffle(self.slots)
-        self.grown: set[int] = set()
+        rng.shuffle(self.slots)
+        self.grow_blocks = grow_blocks
         self.chunks = (10**9, 0)
 
     def next_region(self) -> int | None:
-        """Start of an unused region beyond the physical budget (holes between)."""
-        while self.slots:
-            s = self.slots.pop()
-            if s not in self.grown:
-                self.grown.add(s)
-                return self.physical + s * self.grow_blocks
-        return None
+        return (
+            self.physical + self.slots.pop() * self.grow_blocks if self.slots else None
+        )
 
     def seen(self, chunks: int) -> None:
         self.chunks = (min(self.chunks[0], chunks), max(self.chunks[1], chunks))
@@ -945,58 +1069,77 @@ def run_workload(
     progress: Callable[[int, int, RunStats], None] | None = None,
     prefix: str = "req",
 ) -> RunStats:
-    """Send ``wl.requests`` requests from ``p`` to ``d`` with up to ``wl.window``
-    in flight, growing and shrinking either side at random (seeded) points and
-    at least once each; verifies every block on the consumer."""
+    """Send ``wl.requests`` requests from ``p`` to ``d``, up to ``wl.window`` in
+    flight, growing and shrinking both sides at seeded random points (and at
+    least once each); every block is verified on the consumer.
+
+    The producer grows on demand when its pool is short. Errors end the run
+    and are recorded in ``RunStats.errors``; it never raises for them.
+    """
     rng = random.Random(wl.seed)
-    st = RunStats()
-    st._p_phys, st._d_phys = int(p.info["physical_blocks"]), int(d.info["physical_blocks"])
+    st = RunStats(
+        p_physical=int(p.info["physical_blocks"]),
+        d_physical=int(d.info["physical_blocks"]),
+    )
     sides = {
         "p": _Side(p, random.Random(rng.random()), wl.grow_blocks),
         "d": _Side(d, random.Random(rng.random()), wl.grow_blocks),
     }
-    before = {k: coord.stats(s.ref) for k, s in sides.items()}
-    for k, s in sides.items():
-        if "mapped_chunks" in before[k]:
-            s.seen(before[k]["mapped_chunks"])
+    n = wl.requests
     # Forced points so every run grows and shrinks each elastic side.
     forced: dict[int, list[tuple[str, str]]] = collections.defaultdict(list)
-    n = wl.requests
     for frac, side, what in (
-        (0.15, "p", "grow"), (0.25, "d", "grow"), (0.35, "p", "grow"),
-        (0.45, "d", "grow"), (0.55, "p", "shrink"), (0.65, "d", "shrink"),
+        (0.15, "p", "grow"),
+        (0.25, "d", "grow"),
+        (0.35, "p", "grow"),
+        (0.45, "d", "grow"),
+        (0.55, "p", "shrink"),
+        (0.65, "d", "shrink"),
     ):
         forced[int(frac * n)].append((side, what))
-
     inflight: dict[str, dict[str, Any]] = {}
+    awaiting_sent: set[str] = set()
+    # Prefilled requests the consumer had no room for yet; the producer's
+    # lease holds their blocks meanwhile.
+    waiting: collections.deque[tuple[str, int, dict[str, Any]]] = collections.deque()
     latencies: list[float] = []
     issued = 0
-    t0 = time.monotonic()
-    deadline = t0 + wl.timeout_s
 
-    def mutate(side: str, what: str) -> None:
+    def mutate(side: str, what: str, demand: bool = False) -> bool:
         s = sides[side]
         if not s.elastic:
-            return
+            return False
         if what == "grow":
             start = s.next_region()
             if start is None:
-                return
+                return False
             r = coord.op(s.ref, "grow", n=wl.grow_blocks, start=start)
-            s.seen(r["chunks_after"])
             if side == "p":
                 st.p_grows += 1
+                st.p_demand_grows += demand
             else:
                 st.d_grows += 1
         else:
-            r = coord.op(s.ref, "shrink", include_live=(side == "p" and wl.shrink_live),
-                         region=True, n=wl.grow_blocks)
-            s.seen(r["chunks_after"])
+            r = coord.op(
+                s.ref,
+                "shrink",
+                include_live=(side == "p" and wl.shrink_live),
+                region=True,
+                n=wl.grow_blocks,
+            )
             st.deferred_by_lease += r["live_still_mapped"]
             if side == "p":
                 st.p_shrinks += 1
             else:
                 st.d_shrinks += 1
+        s.seen(r["chunks_after"])
+        return True
+
+    def admit(req: str, nb: int, pre: dict[str, Any]) -> bool:
+        if coord.submit(d, req, pre["params"], n=nb) is None:
+            return False
+        inflight[req] = {"t": time.monotonic(), "p_ids": pre["block_ids"]}
+        return True
 
     def complete(res: dict[str, Any]) -> None:
         req = res["req"]
@@ -1008,6 +1151,7 @@ def run_workload(
             st.ok += 1
             st.blocks_verified += res["blocks"]
             st.bytes += res["bytes"]
+            awaiting_sent.add(req)
         elif res["failed_ids"]:
             st.failed += 1
             st.errors.append(f"{req}: failed, local blocks {res['failed_ids']}")
@@ -1016,24 +1160,30 @@ def run_workload(
             st.errors.append(f"{req}: corrupted positions {res['bad_positions']}")
         for pid in info["p_ids"]:
             st.p_max_block_id = max(st.p_max_block_id, pid)
-            st.p_blocks_beyond_physical += pid >= st._p_phys
+            st.p_blocks_beyond_physical += pid >= st.p_physical
         for did in res["block_ids"]:
             st.d_max_block_id = max(st.d_max_block_id, did)
-            st.d_blocks_beyond_physical += did >= st._d_phys
+            st.d_blocks_beyond_physical += did >= st.d_physical
         if progress is not None:
             progress(st.requests, n, st)
 
-    # Prefilled requests the consumer had no room for yet (its pool is full
-    # of requests still being read); the producer's lease holds their blocks.
-    waiting: collections.deque[tuple[str, int, dict[str, Any]]] = collections.deque()
+    def drain() -> None:
+        for req in [r for r in coord.recv_done if r in inflight]:
+            complete(coord.recv_done.pop(req))
+        for req in [r for r in coord.sent_done if r in awaiting_sent or r in inflight]:
+            coord.sent_done.pop(req)
+            awaiting_sent.discard(req)
+            st.sends_confirmed += 1
 
-    def admit(req: str, nb: int, pre: dict[str, Any]) -> bool:
-        if coord.submit(d, req, pre["params"], n=nb) is None:
-            return False
-        inflight[req] = {"t": time.monotonic(), "p_ids": pre["block_ids"]}
-        return True
-
+    before: dict[str, dict[str, Any]] = {}
+    t0 = time.monotonic()
+    deadline = t0 + wl.timeout_s
     try:
+        before = {k: coord.stats(s.ref) for k, s in sides.items()}
+        for k, s in sides.items():
+            if "mapped_chunks" in before[k]:
+                s.seen(before[k]["mapped_chunks"])
+        t0 = time.monotonic()
         while st.requests < n:
             if time.monotonic() > deadline:
                 raise TimeoutError(
@@ -1053,52 +1203,70 @@ def run_workload(
                 req = f"{prefix}-{wl.seed}-{issued}"
                 nb = rng.randint(*wl.blocks)
                 pre = coord.prefill(p, req, n=nb)
+                if pre is None and (inflight or not mutate("p", "grow", demand=True)):
+                    break  # producer pool short: wait for reads to finish
+                pre = pre or coord.prefill(p, req, n=nb)
                 if pre is None:
-                    if not inflight:
-                        raise RuntimeError(f"{p.name}: pool cannot hold {nb} blocks")
-                    break  # producer pool short: wait for completions
+                    raise RuntimeError(f"{p.name}: pool cannot hold {nb} blocks")
                 issued += 1
                 if not admit(req, nb, pre):
                     if not inflight:
                         raise RuntimeError(f"{d.name}: pool cannot hold {nb} blocks")
                     waiting.append((req, nb, pre))
             coord.pump(0.05)
-            for req in [r for r in coord.recv_done if r in inflight]:
-                complete(coord.recv_done.pop(req))
-            coord.sent_done.clear()
-    except (ChildDied, ChildError, TimeoutError) as e:
+            drain()
+        st.wall_s = time.monotonic() - t0
+        grace = time.monotonic() + wl.send_grace_s
+        while awaiting_sent and time.monotonic() < grace:
+            coord.pump(0.1)
+            drain()
+    except (ChildDied, ChildError, TimeoutError, RuntimeError) as e:
         st.errors.append(f"{type(e).__name__}: {e}")
-    st.wall_s = time.monotonic() - t0
+    st.wall_s = st.wall_s or time.monotonic() - t0
+    st.sends_unconfirmed = len(awaiting_sent)
     st.throughput_mb_s = st.bytes / 1e6 / st.wall_s if st.wall_s > 0 else 0.0
     st.latency_p50_ms = _percentile(latencies, 0.5) * 1e3
     st.latency_p99_ms = _percentile(latencies, 0.99) * 1e3
+    _collect(coord, sides, before, st)
+    return st
+
+
+def _collect(
+    coord: Coordinator,
+    sides: dict[str, _Side],
+    before: dict[str, dict[str, Any]],
+    st: RunStats,
+) -> None:
+    """Fill the per-engine counters of ``st`` (deltas against ``before``)."""
     for k, s in sides.items():
-        if s.ref.child.dead or not s.ref.child.proc.is_alive():
-            s.ref.child.proc.join(5)
-            if s.ref.child.proc.exitcode == -signal.SIGSEGV:
+        child = s.ref.child
+        if child.dead or not child.proc.is_alive():
+            child.proc.join(5)
+            if child.proc.exitcode == -signal.SIGSEGV:
                 st.unmapped_reads += 1
+            st.errors.append(f"{child.name}: {describe_exitcode(child.proc.exitcode)}")
+            continue
+        if k not in before:
             continue
         try:
             after = coord.stats(s.ref)
         except (ChildDied, ChildError, TimeoutError) as e:
-            st.errors.append(f"stats {k}: {e}")
+            st.errors.append(f"stats of {s.ref.name}: {e}")
             continue
         b = before[k]
         regs = after.get("registrations", 0) - b.get("registrations", 0)
         deregs = after.get("deregistrations", 0) - b.get("deregistrations", 0)
         if "mapped_chunks" in after:
             s.seen(after["mapped_chunks"])
+        chunks = s.chunks if s.elastic else (0, 0)
         if k == "p":
             st.p_registrations, st.p_deregistrations = regs, deregs
-            st.p_epoch = after.get("epoch", 0)
-            st.p_mapped_chunks = s.chunks if s.elastic else (0, 0)
+            st.p_epoch, st.p_mapped_chunks = after.get("epoch", 0), chunks
         else:
             st.d_registrations, st.d_deregistrations = regs, deregs
-            st.d_epoch = after.get("epoch", 0)
-            st.d_mapped_chunks = s.chunks if s.elastic else (0, 0)
+            st.d_epoch, st.d_mapped_chunks = after.get("epoch", 0), chunks
             st.refreshes = after.get("refreshes", 0) - b.get("refreshes", 0)
             st.refused_reads = after.get("refused_reads", 0) - b.get("refused_reads", 0)
-    return st
 
 
 def segv_count(coord: Coordinator) -> int:
@@ -1106,7 +1274,10 @@ def segv_count(coord: Coordinator) -> int:
     return sum(1 for c in coord.children.values() if c.proc.exitcode == -signal.SIGSEGV)
 
 
-def print_progress_line(done: int, total: int, st: RunStats, stream: Any = None) -> None:
+def print_progress_line(
+    done: int, total: int, st: RunStats, stream: Any = None
+) -> None:
+    """One updating status line (``\\r``) for a terminal."""
     stream = stream or sys.stderr
     stream.write(
         f"\r  {done}/{total} requests  ok={st.ok} failed={st.failed} "

@@ -212,3 +212,34 @@ class TestRegions:
         cover = [(0x1000, 64 * 4), (0x2000, 64 * 2), (0x2000 + 64 * 5, 64)]
         assert mapped_prefix_blocks(regions, cover) == 2
         assert mapped_prefix_blocks(regions, [(0x1000, 64 * 4)]) == 0
+
+
+class TestTransferPath:
+    def test_vmm_gpu_memory_is_staged_on_auto(self):
+        from elastic_nixl.config import TransferPath
+        from elastic_nixl.connector.planning import choose_transfer_path
+
+        c = choose_transfer_path(
+            MemoryKind.CUDA, frozenset({ExportKind.POSIX_FD}), TransferPath.AUTO
+        )
+        assert c.path is TransferPath.STAGED and "emulation over TCP" in c.reason
+
+    def test_cudamalloc_and_host_are_direct(self):
+        from elastic_nixl.config import TransferPath
+        from elastic_nixl.connector.planning import choose_transfer_path
+
+        for kind, export in (
+            (MemoryKind.CUDA, ExportKind.LEGACY_CUDA_IPC),
+            (MemoryKind.HOST, ExportKind.HOST),
+        ):
+            c = choose_transfer_path(kind, frozenset({export}), TransferPath.AUTO)
+            assert c.path is TransferPath.DIRECT
+
+    def test_explicit_direct_on_vmm_says_it_is_slow(self):
+        from elastic_nixl.config import TransferPath
+        from elastic_nixl.connector.planning import choose_transfer_path
+
+        c = choose_transfer_path(
+            MemoryKind.CUDA, frozenset({ExportKind.POSIX_FD}), TransferPath.DIRECT
+        )
+        assert c.path is TransferPath.DIRECT and "0.4 GB/s" in c.reason

@@ -61,7 +61,7 @@ from elastic_nixl.capabilities import (
     MappingStability,
     MemoryKind,
 )
-from elastic_nixl.config import ElasticNixlSettings
+from elastic_nixl.config import ElasticNixlSettings, TransferPath
 from elastic_nixl.connector.metadata import (
     ElasticAgentMetadata,
     ElasticConnectorMetadata,
@@ -73,6 +73,7 @@ from elastic_nixl.connector.planning import (
     ExtentIndex,
     RegionGeometry,
     Span,
+    choose_transfer_path,
     coverage_spans,
     plan_read,
     plan_registration,
@@ -246,6 +247,7 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         )
         self.memory = memory
         self._regions = regions
+        self._check_transfer_path(memory)
         if memory.capabilities.stability is MappingStability.STATIC:
             if memory.capabilities.memory_kind is MemoryKind.CUDA:
                 check_expandable_segments()
@@ -253,6 +255,29 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             super().register_kv_caches(kv_caches)
             return
         self._register_elastic(kv_caches, memory, regions)
+
+    def _check_transfer_path(self, memory: KVMemory) -> None:
+        """Decide, and say once, how this memory moves; never slow in silence."""
+        caps = memory.capabilities
+        choice = choose_transfer_path(
+            caps.memory_kind, caps.export_kinds, self.settings.transfer_path
+        )
+        self.transfer_path = choice.path
+        if choice.path is TransferPath.STAGED:
+            raise KVMemoryError(
+                f"ElasticNixlConnector: KV memory {caps.name} needs the staged "
+                f"transfer path ({choice.reason}). Staging through exportable "
+                "bounce buffers (elastic_nixl.staging, measured 150 GB/s on "
+                "2xH200, docs/gpu.md) is not yet wired into the connector's "
+                "reads; set kv_connector_extra_config {'transfer_path': 'direct'} "
+                "to accept the slow path."
+            )
+        log = logger.warning if "emulation" in choice.reason else logger.info
+        log(
+            "ElasticNixlConnector: transfer path %s: %s",
+            choice.path.value,
+            choice.reason,
+        )
 
     def _layer_views(self, kv_caches: dict[str, torch.Tensor]) -> list[LayerView]:
         views = []

@@ -100,8 +100,8 @@ def self_check(rep: Report, agent_a: Any) -> None:
         ExtentIndex,
         RegionGeometry,
         plan_read,
-        plan_registration,
     )
+    from elastic_nixl.connector.registration import ExtentRegistrar
 
     rep.section("Self-check: host VMM memory through a real NIXL agent")
     page, layers, virtual = 4096, 2, 1_000_000
@@ -111,11 +111,8 @@ def self_check(rep: Report, agent_a: Any) -> None:
         alloc.grow_to(256)
         alloc.map_blocks(range(500_000, 500_016))  # a hole between the two
         extents = alloc.mapped_extents()
-        plan = plan_registration([], [(e.base, e.nbytes) for e in extents])
-        for base, nbytes in plan.register:
-            agent_a.register_memory(
-                agent_a.get_reg_descs([(base, nbytes, 0, "")], "DRAM")
-            )
+        # What the connector's worker does at register_kv_caches.
+        plan = ExtentRegistrar(agent_a).sync(alloc)
         registered = sum(n for _, n in plan.register)
         rep.info("reservation", f"{alloc.reservation.nbytes / 2**30:.1f} GiB virtual")
         rep.info(
@@ -211,6 +208,44 @@ def self_check(rep: Report, agent_a: Any) -> None:
         alloc.close()
 
 
+def gpu_section(rep: Report) -> None:
+    """Which path GPU KV memory would take, from the memory itself."""
+    import torch
+
+    rep.section("GPU memory and the transfer path")
+    if not torch.cuda.is_available():
+        rep.info("GPU", "none: nothing to check")
+        return
+    from elastic_nixl.allocator.core import BlockGeometry, VmmKVAllocator
+    from elastic_nixl.allocator.cuda import CudaBackend
+    from elastic_nixl.capabilities import MemoryKind
+    from elastic_nixl.config import TransferPath
+    from elastic_nixl.connector.planning import choose_transfer_path
+    from elastic_nixl.cuda_discovery import describe_cuda_pointer, export_kinds_of
+
+    plain = torch.empty(1 << 21, dtype=torch.uint8, device="cuda")
+    backend = CudaBackend(torch.cuda.current_device())
+    geometry = BlockGeometry.layer_outermost(1 << 16, 1, 64)
+    with VmmKVAllocator(backend, geometry, 64, backend.granularity) as alloc:
+        alloc.grow_to(1)
+        for label, ptr in (
+            ("cudaMalloc", plain.data_ptr()),
+            ("VMM", alloc.reservation.base),
+        ):
+            info = describe_cuda_pointer(ptr)
+            kinds = export_kinds_of(info)
+            choice = choose_transfer_path(
+                info.memory_kind or MemoryKind.CUDA, kinds, TransferPath.AUTO
+            )
+            rep.info(
+                f"{label} memory",
+                f"legacy IPC {info.legacy_ipc_capable}, exports "
+                f"{sorted(k.value for k in kinds)} -> {choice.path.value}",
+            )
+            if "emulation" in choice.reason:
+                rep.info("", f"  {choice.reason}; the staged path avoids it")
+
+
 def main_doctor(argv: list[str] | None = None) -> int:
     rep = Report()
     rep.lines.append("elastic-nixl doctor")
@@ -219,6 +254,7 @@ def main_doctor(argv: list[str] | None = None) -> int:
         agent = nixl_section(rep)
         if agent is not None:
             self_check(rep, agent)
+        gpu_section(rep)
     except Exception as e:  # noqa: BLE001 - every failure is a reported check
         rep.check(False, "self-check", f"{type(e).__name__}: {e}")
     print("\n".join(rep.lines))

@@ -57,7 +57,6 @@ from elastic_nixl.capabilities import (
     KVMemoryError,
     Lease,
     MappingEvent,
-    MappingEventKind,
     MappingStability,
     MemoryKind,
 )
@@ -76,7 +75,6 @@ from elastic_nixl.connector.planning import (
     choose_transfer_path,
     coverage_spans,
     plan_read,
-    plan_registration,
 )
 from elastic_nixl.connector.regions import (
     SHARED_GROUP,
@@ -86,6 +84,7 @@ from elastic_nixl.connector.regions import (
     mapped_prefix_blocks,
     plan_regions,
 )
+from elastic_nixl.connector.registration import ExtentRegistrar, RegistrationStats
 from elastic_nixl.guards import check_expandable_segments
 from elastic_nixl.memory import resolve_kv_memory
 
@@ -102,12 +101,9 @@ _HANDSHAKE_TIMEOUT_MS = 5000
 
 
 @dataclass
-class ElasticStats:
+class ElasticStats(RegistrationStats):
     """Counters the demo, the bench and the tests read."""
 
-    registrations: int = 0
-    deregistrations: int = 0
-    registered_bytes: int = 0
     refreshes: int = 0
     reads_posted: int = 0
     descriptors_posted: int = 0
@@ -218,7 +214,9 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         self.elastic = False
         self.elastic_stats = ElasticStats()
         self._regions: list[Region] = []
-        self._registered: dict[Span, Any] = {}
+        self._registrar = ExtentRegistrar(
+            self.nixl_wrapper, self.nixl_backends, self.elastic_stats
+        )
         self._reg_lock = threading.RLock()
         self._unsubscribe: Callable[[], None] | None = None
         self._reported_epoch = -1
@@ -379,7 +377,7 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         self.src_xfer_handles_by_block_size[self.block_size] = PER_REQUEST_HANDLE
         self.src_blocks_data = np.empty((0, 3), dtype=np.uint64)
         with self._reg_lock:
-            self._sync_registrations()
+            self._registrar.sync(memory)
             self._unsubscribe = memory.subscribe(self._on_mapping_event)
             self._publish_handshake()
         logger.info(
@@ -388,50 +386,22 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             len(regions),
             memory.num_virtual_blocks,
             memory.num_mapped_blocks,
-            len(self._registered),
+            len(self._registrar.spans),
             self.elastic_stats.registered_bytes,
             memory.epoch,
         )
 
-    def _sync_registrations(self) -> None:
-        """Make NIXL's registrations equal the mapped extents, each once."""
-        assert self.memory is not None
-        mem = self.memory
-        kind = mem.capabilities.memory_kind
-        extents = {(e.base, e.nbytes): e for e in mem.mapped_extents()}
-        plan = plan_registration(self._registered.keys(), extents.keys())
-        for span in plan.deregister:
-            self.nixl_wrapper.deregister_memory(self._registered.pop(span))
-            self.elastic_stats.deregistrations += 1
-            self.elastic_stats.registered_bytes -= span[1]
-        for span in plan.register:
-            e = extents[span]
-            descs = self.nixl_wrapper.get_reg_descs(
-                [(e.base, e.nbytes, e.device, "")], kind.nixl_mem_type
-            )
-            self.nixl_wrapper.register_memory(descs, backends=self.nixl_backends)
-            self._registered[span] = descs
-            self.elastic_stats.registrations += 1
-            self.elastic_stats.registered_bytes += span[1]
-
     def _on_mapping_event(self, event: MappingEvent) -> None:
-        """Follow the allocator: register after map, deregister before unmap."""
+        """Follow the allocator, then describe the new state to peers."""
+        assert self.memory is not None
         with self._reg_lock:
-            if event.kind is MappingEventKind.UNMAPPING:
-                for e in event.extents:
-                    descs = self._registered.pop((e.base, e.nbytes), None)
-                    if descs is not None:
-                        self.nixl_wrapper.deregister_memory(descs)
-                        self.elastic_stats.deregistrations += 1
-                        self.elastic_stats.registered_bytes -= e.nbytes
-            else:
-                self._sync_registrations()
+            self._registrar.on_event(event, self.memory)
             self._publish_handshake()
 
     def _publish_handshake(self) -> None:
         """Rebuild the handshake payload from what is registered now."""
         assert self.memory is not None and self.compat_hash is not None
-        extents = sorted(self._registered)
+        extents = self._registrar.spans
         prefix = mapped_prefix_blocks(self._regions, coverage_spans(extents))
         self.region_num_blocks = [prefix] * self.num_regions
         self.num_descs = prefix * self.num_regions
@@ -838,8 +808,7 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
 
     def _local_extents(self) -> ExtentIndex:
         if self.elastic:
-            with self._reg_lock:
-                return ExtentIndex.build(self._registered.keys())
+            return ExtentIndex.build(self._registrar.spans)
         assert self.memory is not None
         return ExtentIndex.build(
             (e.base, e.nbytes) for e in self.memory.mapped_extents()
@@ -888,13 +857,10 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             ]:
                 del engine_handles[rank]
         super().shutdown()
-        with self._reg_lock:
-            for descs in self._registered.values():
-                try:
-                    self.nixl_wrapper.deregister_memory(descs)
-                except Exception:  # noqa: BLE001 - best effort at shutdown
-                    logger.exception("ElasticNixlConnector: deregistration failed")
-            self._registered.clear()
+        try:
+            self._registrar.close()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            logger.exception("ElasticNixlConnector: deregistration failed")
 
 
 def view_mem_type(worker: ElasticNixlConnectorWorker, engine_id: EngineId) -> str:

@@ -41,10 +41,12 @@ import torch
 
 from elastic_nixl.allocator.core import BlockGeometry, VmmKVAllocator
 from elastic_nixl.connector.planning import (
+    DescriptorPlanError,
     ExtentIndex,
     RegionGeometry,
     plan_read,
 )
+from elastic_nixl.connector.registration import ExtentRegistrar
 from elastic_nixl.staging import StagingBuffer, chunk_ids
 
 TIMEOUT_S = 120.0
@@ -148,9 +150,19 @@ class Side:
         self.registered: dict[tuple[int, int], Any] = {}
         for t in (self.static, self.staging.buffer, self.ceiling):
             self._register(t.data_ptr(), t.numel())
-        for e in self.alloc.mapped_extents():
-            self._register(e.base, e.nbytes)
+        # Elastic memory is registered as the connector does it: each mapped
+        # extent once, following the allocator's events.
+        self.registrar = ExtentRegistrar(self.agent)
+        self.registrar.sync(self.alloc)
+        self.register_s = 0.0
+        self.alloc.subscribe(self._on_mapping)
+        self.lease: Any = None
         self._sync()
+
+    def _on_mapping(self, event: Any) -> None:
+        t0 = time.perf_counter()
+        self.registrar.on_event(event, self.alloc)
+        self.register_s += time.perf_counter() - t0
 
     def _register(self, base: int, nbytes: int) -> None:
         descs = self.agent.get_reg_descs([(base, nbytes, self.dev_id, "")], self.mem)
@@ -224,6 +236,47 @@ def producer_loop(side: Side, conn: Any, peer: str) -> None:
             conn.send("staged-done")
         elif kind == "grow":
             conn.send(measure_growth(side, msg[1]))
+        elif kind == "meta":
+            conn.send(
+                {"meta": side.agent.get_agent_metadata(), "vmm": side.extents("vmm")}
+            )
+        elif kind == "fill":
+            idx = torch.tensor(msg[1], device=side.dev)
+            fresh = torch.randint(
+                0,
+                255,
+                (side.shape.layers, len(msg[1]), side.shape.page),
+                dtype=torch.uint8,
+                device=side.dev,
+            )
+            side.vmm.index_copy_(1, idx, fresh)
+            side._sync()
+            conn.send("filled")
+        elif kind == "lease":
+            side.lease = side.alloc.lease(msg[1])
+            conn.send("leased")
+        elif kind == "unmap":
+            before = side.registrar.stats.deregistrations
+            side.alloc.unmap_blocks(msg[1])
+            conn.send(
+                {
+                    "deregistered": side.registrar.stats.deregistrations - before,
+                    "still_mapped": [
+                        b for b in msg[2] if b not in side.alloc.unmapped_blocks(msg[2])
+                    ],
+                }
+            )
+        elif kind == "release":
+            before = side.registrar.stats.deregistrations
+            side.lease.release()
+            conn.send(
+                {
+                    "deregistered": side.registrar.stats.deregistrations - before,
+                    "unmapped": side.alloc.unmapped_blocks(msg[1]),
+                    "registered_bytes": side.registrar.stats.registered_bytes,
+                    "mapped_bytes": side.alloc.mapped_bytes,
+                }
+            )
         elif kind == "stage_cost":
             conn.send(measure_staging(side, msg[1]))
 
@@ -268,17 +321,15 @@ def serve_staged(side: Side, which: str, ids: list[int], peer: str) -> None:
 def measure_growth(side: Side, blocks: int) -> dict[str, float]:
     """Map more memory and register it, as the connector does on a MAPPED event."""
     nb = side.args.num_blocks
+    side.register_s = 0.0
     t0 = time.perf_counter()
-    new = side.alloc.map_blocks(range(nb, nb + blocks))
-    t1 = time.perf_counter()
-    for e in new:
-        side._register(e.base, e.nbytes)
-    t2 = time.perf_counter()
+    new = side.alloc.map_blocks(range(nb, nb + blocks))  # listener registers
+    total = time.perf_counter() - t0
     chunks = max(len(new), 1)
     return {
         "chunks": float(len(new)),
-        "map_ms_per_chunk": (t1 - t0) * 1e3 / chunks,
-        "register_ms_per_chunk": (t2 - t1) * 1e3 / chunks,
+        "map_ms_per_chunk": (total - side.register_s) * 1e3 / chunks,
+        "register_ms_per_chunk": side.register_s * 1e3 / chunks,
         "chunk_bytes": float(side.alloc.chunk_bytes),
     }
 
@@ -562,6 +613,89 @@ def run_staged(
     return res
 
 
+def read_direct(
+    side: Side, peer: str, remote: dict[str, Any], lids: list[int], rids: list[int]
+) -> str:
+    """One direct READ of VMM blocks, planned against what we know the peer
+    registered; raises DescriptorPlanError before posting if it is not."""
+    rdev = 1 - side.rank if side.dev.type == "cuda" else 0
+    lreg = side.regions("vmm")
+    rreg = [RegionGeometry(*r) for r in remote["vmm_regions"]]
+    plan = plan_read(
+        lreg,
+        rreg,
+        [lids] * len(lreg),
+        [rids] * len(rreg),
+        ExtentIndex.build(side.extents("vmm")),
+        ExtentIndex.build(remote["vmm"]),
+        side.dev_id,
+        rdev,
+    )
+    h = side.agent.initialize_xfer(
+        "READ",
+        side.agent.get_xfer_descs(plan.local, side.mem),
+        side.agent.get_xfer_descs(plan.remote, side.mem),
+        peer,
+        b"",
+    )
+    side.agent.transfer(h)
+    state = side.wait(h)
+    side.agent.release_xfer_handle(h)
+    return state
+
+
+def run_scenarios(
+    side: Side, peer: str, remote: dict[str, Any], ask: Any
+) -> dict[str, Any]:
+    """The CPU transfer scenarios on GPU memory: ids beyond the physical budget
+    after growth (stale metadata refreshed), shrink deferred by a lease, and a
+    read of unmapped memory refused before NIXL."""
+    nb, grow = side.args.num_blocks, side.args.grow_blocks
+    out: dict[str, Any] = {}
+    new_ids = list(range(nb, nb + 8))
+    assert ask(("fill", new_ids)) == "filled"
+    lids = list(range(8))
+    try:
+        read_direct(side, peer, remote, lids, new_ids)
+        out["stale_metadata_detected"] = False
+    except DescriptorPlanError:
+        out["stale_metadata_detected"] = True
+    fresh = ask(("meta",))
+    side.agent.add_remote_agent(fresh["meta"])  # refresh what NIXL knows
+    remote = dict(remote, vmm=fresh["vmm"])
+    state = read_direct(side, peer, remote, lids, new_ids)
+    theirs = tuple(ask(("fingerprint", "vmm", new_ids)))
+    out["virtual_ids_after_growth"] = (
+        state == "DONE" and side.fingerprint("vmm", lids) == theirs
+    )
+    # Shrink with a lease: only the leased chunks stay mapped and registered.
+    leased = [nb + 1, nb + 2]
+    assert ask(("lease", leased)) == "leased"
+    shrink = ask(("unmap", list(range(nb, nb + grow)), leased))
+    out["shrink_deregistered_unleased_chunks"] = shrink["deregistered"]
+    out["leased_blocks_still_mapped"] = shrink["still_mapped"] == leased
+    remote = dict(remote, vmm=ask(("meta",))["vmm"])
+    state = read_direct(side, peer, remote, [20, 21], leased)
+    theirs = tuple(ask(("fingerprint", "vmm", leased)))
+    out["read_under_lease"] = (
+        state == "DONE" and side.fingerprint("vmm", [20, 21]) == theirs
+    )
+    released = ask(("release", leased))
+    out["deregistered_after_release"] = released["deregistered"]
+    out["unmapped_after_release"] = released["unmapped"] == leased
+    out["registered_equals_mapped"] = (
+        released["registered_bytes"] == released["mapped_bytes"]
+    )
+    remote = dict(remote, vmm=ask(("meta",))["vmm"])
+    try:
+        read_direct(side, peer, remote, [30], [nb + 1])
+        out["unmapped_read_refused"] = False
+    except DescriptorPlanError as e:
+        out["unmapped_read_refused"] = True
+        out["refusal"] = str(e)
+    return out
+
+
 def consumer_main(
     side: Side, conn: Any, peer: str, remote: dict[str, Any]
 ) -> dict[str, Any]:
@@ -614,10 +748,12 @@ def consumer_main(
     results.append(verify(res, "vmm", *small[-1]))
     growth = ask(("grow", args.grow_blocks))
     stage_cost = ask(("stage_cost", bv[-1][1]))
+    scenarios = run_scenarios(side, peer, remote, ask)
     return {
         "results": [asdict(r) | {"gbps": r.gbps} for r in results],
         "growth": growth,
         "staging": stage_cost,
+        "scenarios": scenarios,
     }
 
 
@@ -712,6 +848,7 @@ def table(out: dict[str, Any]) -> str:
         f"staging: gather {s['gather_gbps']:.0f} GB/s, "
         f"scatter {s['scatter_gbps']:.0f} GB/s"
     )
+    lines.append("scenarios: " + json.dumps(out["scenarios"], indent=1))
     return "\n".join(lines)
 
 
@@ -742,7 +879,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
-    ok = all(r["verified"] for r in out["results"])
+    sc = out["scenarios"]
+    ok = all(r["verified"] for r in out["results"]) and all(
+        sc[k]
+        for k in (
+            "stale_metadata_detected",
+            "virtual_ids_after_growth",
+            "leased_blocks_still_mapped",
+            "read_under_lease",
+            "unmapped_after_release",
+            "registered_equals_mapped",
+            "unmapped_read_refused",
+        )
+    )
     if not ok:
         print("VERIFICATION FAILED", file=sys.stderr)
     return 0 if ok else 1

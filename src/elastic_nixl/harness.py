@@ -87,6 +87,7 @@ def make_vllm_config(
     model: TinyModel | None = None,
     side_channel_port: int | None = None,
     module_path: str | None = None,
+    enable_permute_local_kv: bool = False,
 ) -> Any:
     """A real VllmConfig for ``model``; ``layout`` is pre-resolved as vLLM's
     engine core would (``None`` leaves it unresolved)."""
@@ -116,6 +117,7 @@ def make_vllm_config(
         engine_id=engine_id,
         kv_connector_extra_config=dict(extra or {}),
         kv_connector_module_path=module_path,
+        enable_permute_local_kv=enable_permute_local_kv,
     )
     config = VllmConfig(
         model_config=_MODEL_CONFIGS[key],

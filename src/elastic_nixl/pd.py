@@ -44,6 +44,9 @@ class EngineSpec:
     extra: dict[str, Any] = field(default_factory=dict)
     model: TinyModel = field(default_factory=TinyModel)
     block_size: int = 32
+    # vLLM's KVTransferConfig.enable_permute_local_kv: receive a remote LBHNC
+    # cache into a local LBNHC one.
+    enable_permute_local_kv: bool = False
 
 
 def block_pattern(seed: str, shape: Sequence[int]) -> torch.Tensor:
@@ -77,6 +80,7 @@ class PDEngine:
             engine_id=spec.engine_id,
             model=spec.model,
             side_channel_port=spec.side_channel_port,
+            enable_permute_local_kv=spec.enable_permute_local_kv,
         )
         init_distributed(self.vllm_config)
         self.kv_cache_config = make_kv_cache_config(

@@ -163,3 +163,26 @@ def test_interop_with_vanilla_nixl_connector(make_engine, direction):
     run_until(prod, cons, "r")
     assert cons.verify("r", [20, 21, 22]) == []
     assert cons.failed_blocks == set()
+
+
+def test_layout_mismatch_fails_the_request_naming_both(make_engine):
+    prod = make_engine("kv_producer", "p-nhd", layout="LBNHC")
+    cons = make_engine("kv_consumer", "d-hnd", layout="LBHNC")
+    params = prod.prefill("r", [1, 2])
+    prod.step()
+    cons.submit("r", params, [3, 4])
+    run_until(prod, cons, "r")
+    assert cons.failed_blocks == {3, 4}  # never silently corrupted
+
+
+def test_remote_hnd_into_local_nhd_with_vllm_permute(make_engine):
+    prod = make_engine("kv_producer", "p-hnd", layout="LBHNC")
+    cons = make_engine(
+        "kv_consumer", "d-nhd", layout="LBNHC", enable_permute_local_kv=True
+    )
+    params = prod.prefill("r", [1, 2, 3])
+    prod.step()
+    cons.submit("r", params, [7, 8, 9])
+    run_until(prod, cons, "r")
+    assert cons.failed_blocks == set()
+    assert cons.verify("r", [7, 8, 9]) == []  # logical [H, N, C] content matches

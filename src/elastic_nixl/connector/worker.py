@@ -505,14 +505,29 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             isinstance(ext_meta, ElasticAgentMetadata)
             and ext_meta.registered_extents is not None
         )
-        if not (self.elastic or remote_elastic):
-            name = super().add_remote_agent(
-                nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size
-            )
-        else:
-            name = self._add_per_request_agent(
-                nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size
-            )
+        try:
+            if not (self.elastic or remote_elastic):
+                name = super().add_remote_agent(
+                    nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size
+                )
+            else:
+                name = self._add_per_request_agent(
+                    nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size
+                )
+        except RuntimeError as e:
+            if "kv_cache_layout" not in str(e):
+                raise
+            # vLLM names the layouts but not the engines; a user with several
+            # engines needs both to find the one to change.
+            raise RuntimeError(
+                f"KV layout mismatch: local engine {self.engine_id} uses "
+                f"{self.kv_cache_layout}, remote engine {engine_id} uses "
+                f"{nixl_agent_meta.kv_cache_layout}. Run both with the same "
+                "layout (the same kv_connector_extra_config 'allocator' gives the "
+                "same layout), or set \"enable_permute_local_kv\": true in the "
+                "consumer's --kv-transfer-config to receive LBHNC into a local "
+                "LBNHC cache."
+            ) from e
         view = PeerView.from_metadata(ext_meta, name, host, port)
         with self._peer_lock:
             self._peers[(engine_id, remote_tp_rank)] = view

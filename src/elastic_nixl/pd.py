@@ -171,6 +171,8 @@ class PDEngine:
         """Fill ``block_ids`` as a finished prefill would; the params a proxy
         forwards to the decode engine."""
         from vllm import SamplingParams
+        from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+        from vllm.v1.core.kv_cache_utils import KVCacheBlock
         from vllm.v1.request import Request, RequestStatus
 
         self.write_blocks(req_id, block_ids)
@@ -182,6 +184,10 @@ class PDEngine:
             None,
         )
         req.kv_transfer_params = {"do_remote_decode": True}
+        # vLLM's scheduler tells the connector when it schedules the request;
+        # the worker only honours a send it was told about.
+        blocks = KVCacheBlocks(([KVCacheBlock(b) for b in block_ids],))
+        self.scheduler.update_state_after_alloc(req, blocks, 0)
         req.num_computed_tokens = n_tokens
         req.status = RequestStatus.FINISHED_LENGTH_CAPPED
         delay, params = self.scheduler.request_finished(req, list(block_ids))

@@ -103,6 +103,11 @@ class _LogCapture(logging.Handler):
             msg = record.getMessage().splitlines()[0] if record.msg else ""
         except Exception:  # noqa: BLE001 - a bad record must not break the loop
             msg = str(record.msg)
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None:
+            # vLLM logs transfer failures with exc_info: keep the cause.
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            msg += f" | {type(exc).__name__}: {text}"
         self.lines.append((self.count, f"{record.levelname} {record.name}: {msg}"))
         self.count += 1
 
@@ -137,23 +142,29 @@ class _Hosted:
         self.completed_recv = 0
         self.completed_send = 0
         self.last_step = 0.0
+        self.step_errors = 0
 
     # -- pool -----------------------------------------------------------------
 
     def take(
-        self, req: str, n: int | None, ids: Sequence[int] | None
+        self,
+        req: str,
+        n: int | None,
+        ids: Sequence[int] | None,
+        max_id: int | None = None,
     ) -> list[int] | None:
         """Block ids for ``req``: given (tests forge them) or sampled from the
-        free pool; ``None`` when the pool is short."""
+        free pool (below ``max_id`` if set); ``None`` when the pool is short."""
         if req in self.busy:
             raise ValueError(f"{self.name}: request {req} already holds blocks")
         if ids is not None:
             chosen = [int(b) for b in ids]
         else:
             assert n is not None and n > 0
-            if len(self.free) < n:
+            pool = sorted(b for b in self.free if max_id is None or b < max_id)
+            if len(pool) < n:
                 return None
-            chosen = self.rng.sample(sorted(self.free), n)
+            chosen = self.rng.sample(pool, n)
         self.free.difference_update(chosen)
         self.busy[req] = chosen
         return chosen
@@ -197,7 +208,7 @@ class _ChildServer:
                 return  # the parent is gone
             for h in list(self.engines.values()):
                 # Idle engines step now and then (notifications, expiries).
-                if h.is_busy(now) or now - h.last_step > 0.05:
+                if h.is_busy(now) or now - h.last_step > 0.25:
                     self._step(h)
 
     def _dispatch(self, msg: tuple[Any, ...]) -> None:
@@ -221,7 +232,21 @@ class _ChildServer:
 
     def _step(self, h: _Hosted) -> None:
         h.last_step = time.monotonic()
-        sending, recving = h.engine.step()
+        try:
+            sending, recving = h.engine.step()
+        except Exception as e:  # noqa: BLE001 - vLLM's engine would die here
+            # Report and keep serving: the parent decides what it means.
+            h.step_errors += 1
+            if h.step_errors <= 20:
+                self._emit(
+                    "error",
+                    {
+                        "engine": h.name,
+                        "error": f"{type(e).__name__}: {e}",
+                        "traceback": traceback.format_exc(),
+                    },
+                )
+            return
         for req in sorted(sending):
             if req in h.sending:
                 t0 = h.sending.pop(req)
@@ -331,10 +356,11 @@ class _ChildServer:
         req: str,
         n: int | None = None,
         block_ids: Sequence[int] | None = None,
+        max_id: int | None = None,
     ) -> dict[str, Any] | None:
         """Write the pattern into blocks from the pool; the params to forward."""
         h = self.engines[engine]
-        ids = h.take(req, n, block_ids)
+        ids = h.take(req, n, block_ids, max_id)
         if ids is None:
             return None
         try:
@@ -355,10 +381,11 @@ class _ChildServer:
         params: dict[str, Any],
         n: int | None = None,
         block_ids: Sequence[int] | None = None,
+        max_id: int | None = None,
     ) -> dict[str, Any] | None:
         """Admit a request whose KV is on a producer, into pool blocks."""
         h = self.engines[engine]
-        ids = h.take(req, n, block_ids)
+        ids = h.take(req, n, block_ids, max_id)
         if ids is None:
             return None
         try:
@@ -415,10 +442,18 @@ class _ChildServer:
         live = h.live_blocks()
         if block_ids is None:
             if region and h.regions:
-                lo, hi = h.regions.pop(h.rng.randrange(len(h.regions)))
+                pick = h.rng.randrange(len(h.regions))
+                if include_live:
+                    # The region most in use: exercises the leases.
+                    pick = max(
+                        range(len(h.regions)),
+                        key=lambda i: sum(b in live for b in range(*h.regions[i])),
+                    )
+                lo, hi = h.regions.pop(pick)
                 cand = [b for b in range(lo, hi) if b in h.wanted]
             else:
-                cand = h.rng.sample(sorted(h.free), min(n, len(h.free)))
+                # No grown region left: give back up to half the free pool.
+                cand = h.rng.sample(sorted(h.free), min(n, len(h.free) // 2))
             block_ids = [b for b in cand if include_live or b not in live]
         ids = sorted(int(b) for b in block_ids)
         live_ids = [b for b in ids if b in live]
@@ -625,6 +660,8 @@ class Coordinator:
         self.events: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
         self.recv_done: dict[str, dict[str, Any]] = {}
         self.sent_done: dict[str, dict[str, Any]] = {}
+        # Exceptions raised by an engine step (vLLM's engine would die).
+        self.engine_errors: list[dict[str, Any]] = []
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -664,41 +701,43 @@ class Coordinator:
 
     def pump(self, timeout: float) -> int:
         """Receive what children sent within ``timeout``; messages handled."""
-        live = {c.conn: c for c in self.children.values() if not c.dead}
+        live = [c for c in self.children.values() if not c.dead]
         if not live:
             time.sleep(min(timeout, 0.05))
             return 0
-        sentinels = {c.proc.sentinel: c for c in live.values()}
-        ready = mpc.wait(list(live) + list(sentinels), timeout)
+        objs: list[Any] = [c.conn for c in live] + [c.proc.sentinel for c in live]
+        ready = mpc.wait(objs, timeout)
         handled = 0
-        for r in ready:
-            child = live.get(r)  # type: ignore[call-overload]
-            if child is None:
-                continue
-            while True:
-                try:
-                    if not child.conn.poll():
-                        break
-                    msg = child.conn.recv()
-                except (EOFError, OSError):
-                    child.dead = True
-                    break
-                handled += 1
-                if msg[0] == "reply":
-                    child.replies[msg[1]] = (msg[2], msg[3])
-                else:
-                    self._on_event(msg[1], msg[2])
-        for s in ready:
-            child = sentinels.get(s)  # type: ignore[call-overload]
-            if child is not None and not child.conn.poll():
-                child.dead = True
+        for child in live:
+            if child.conn in ready:
+                handled += self._drain_child(child)
+            if child.proc.sentinel in ready and not child.conn.poll():
+                child.dead = True  # exited and nothing left to read
         return handled
+
+    def _drain_child(self, child: Child) -> int:
+        handled = 0
+        while True:
+            try:
+                if not child.conn.poll():
+                    return handled
+                msg = child.conn.recv()
+            except (EOFError, OSError):
+                child.dead = True
+                return handled
+            handled += 1
+            if msg[0] == "reply":
+                child.replies[msg[1]] = (msg[2], msg[3])
+            else:
+                self._on_event(msg[1], msg[2])
 
     def _on_event(self, kind: str, payload: dict[str, Any]) -> None:
         if kind == "recv":
             self.recv_done[payload["req"]] = payload
         elif kind == "sent":
             self.sent_done[payload["req"]] = payload
+        elif kind == "error":
+            self.engine_errors.append(payload)
         self.events.append((kind, payload))
 
     def _wait_reply(self, child: Child, call_id: int, op: str, deadline: float) -> Any:
@@ -710,6 +749,11 @@ class Coordinator:
             if left <= 0:
                 raise TimeoutError(f"{child.name}: no reply to {op} in time")
             self.pump(min(left, 0.5))
+        return self.take_reply(child, call_id, op)
+
+    def take_reply(self, child: Child, call_id: int, op: str) -> Any:
+        """Pop the (arrived) reply to ``call_id``; raises ``ChildError`` for a
+        command that failed in the child."""
         ok, value = child.replies.pop(call_id)
         if not ok:
             kind, message, tb = value
@@ -818,13 +862,11 @@ class Coordinator:
     # -- proxy ----------------------------------------------------------------
 
     def prefill(
-        self,
-        p: EngineRef,
-        req: str,
-        n: int | None = None,
-        block_ids: Sequence[int] | None = None,
+        self, p: EngineRef, req: str, n: int | None = None, **kw: Any
     ) -> dict[str, Any] | None:
-        return self.op(p, "prefill", req=req, n=n, block_ids=block_ids)
+        """Producer fills ``n`` pool blocks (or ``block_ids=``); ``None`` when
+        its pool is short. Returns ``{"params", "block_ids"}``."""
+        return self.op(p, "prefill", req=req, n=n, **kw)
 
     def submit(
         self,
@@ -832,17 +874,45 @@ class Coordinator:
         req: str,
         params: dict[str, Any],
         n: int | None = None,
-        block_ids: Sequence[int] | None = None,
+        **kw: Any,
     ) -> dict[str, Any] | None:
-        return self.op(d, "submit", req=req, params=params, n=n, block_ids=block_ids)
+        """Consumer admits ``req`` into ``n`` pool blocks (or ``block_ids=``)."""
+        return self.op(d, "submit", req=req, params=params, n=n, **kw)
 
     def wait_recv(self, req: str, timeout: float = 60.0) -> dict[str, Any]:
+        """The consumer's verdict on ``req`` (after finished_recving)."""
         self.wait_for(lambda: req in self.recv_done, timeout, f"{req} to be received")
         return self.recv_done.pop(req)
 
     def wait_sent(self, req: str, timeout: float = 30.0) -> dict[str, Any]:
+        """The producer's finished_sending of ``req``."""
         self.wait_for(lambda: req in self.sent_done, timeout, f"{req} to be sent")
         return self.sent_done.pop(req)
+
+    def receive(
+        self,
+        d: EngineRef,
+        req: str,
+        params: dict[str, Any],
+        n: int | None,
+        timeout: float = 60.0,
+        **kw: Any,
+    ) -> Outcome:
+        """Forward ``params`` to the consumer and wait for its verdict."""
+        sub = self.submit(d, req, params, n=n, **kw)
+        if sub is None:
+            raise RuntimeError(f"{d.name}: pool has fewer than {n} free blocks")
+        res = self.wait_recv(req, timeout)
+        return Outcome(
+            req,
+            res["ok"],
+            res["failed_ids"],
+            res["bad_positions"],
+            list(params.get("remote_block_ids", [[]])[0]),
+            res["block_ids"],
+            res["bytes"],
+            res["latency_s"],
+        )
 
     def transfer(
         self,
@@ -854,31 +924,31 @@ class Coordinator:
         wait_sent: bool = True,
         producer_ids: Sequence[int] | None = None,
         consumer_ids: Sequence[int] | None = None,
+        max_id: int | None = None,
     ) -> Outcome:
-        """One request end to end: prefill, forward, receive, verify, free."""
+        """One request end to end: prefill, forward, receive, verify; with
+        ``wait_sent`` also the producer's finished_sending (its blocks free)."""
         pre = self.prefill(
-            p, req, n=None if producer_ids else n, block_ids=producer_ids
+            p,
+            req,
+            n=None if producer_ids else n,
+            block_ids=producer_ids,
+            max_id=max_id,
         )
         if pre is None:
             raise RuntimeError(f"{p.name}: pool has fewer than {n} free blocks")
-        sub = self.submit(
-            d, req, pre["params"], n=None if consumer_ids else n, block_ids=consumer_ids
-        )
-        if sub is None:
-            raise RuntimeError(f"{d.name}: pool has fewer than {n} free blocks")
-        res = self.wait_recv(req, timeout)
-        if wait_sent and res["ok"]:
-            self.wait_sent(req, timeout)
-        return Outcome(
+        out = self.receive(
+            d,
             req,
-            res["ok"],
-            res["failed_ids"],
-            res["bad_positions"],
-            pre["block_ids"],
-            res["block_ids"],
-            res["bytes"],
-            res["latency_s"],
+            pre["params"],
+            n=None if consumer_ids else n,
+            timeout=timeout,
+            block_ids=consumer_ids,
         )
+        out.producer_ids = pre["block_ids"]
+        if wait_sent and out.ok:
+            self.wait_sent(req, timeout)
+        return out
 
 
 # ---------------------------------------------------------------------------
@@ -931,6 +1001,7 @@ class RunStats:
     p_demand_grows: int = 0
     p_shrinks: int = 0
     d_grows: int = 0
+    d_demand_grows: int = 0
     d_shrinks: int = 0
     deferred_by_lease: int = 0
     sends_confirmed: int = 0
@@ -979,7 +1050,10 @@ class RunStats:
                 "prefill grows (on demand) / shrinks",
                 f"{self.p_grows} ({self.p_demand_grows}) / {self.p_shrinks}",
             ),
-            ("decode grows / shrinks", f"{self.d_grows} / {self.d_shrinks}"),
+            (
+                "decode grows (on demand) / shrinks",
+                f"{self.d_grows} ({self.d_demand_grows}) / {self.d_shrinks}",
+            ),
             (
                 "prefill NIXL registrations / deregistrations",
                 f"{self.p_registrations} / {self.p_deregistrations}",
@@ -1099,9 +1173,7 @@ def run_workload(
         forced[int(frac * n)].append((side, what))
     inflight: dict[str, dict[str, Any]] = {}
     awaiting_sent: set[str] = set()
-    # Prefilled requests the consumer had no room for yet; the producer's
-    # lease holds their blocks meanwhile.
-    waiting: collections.deque[tuple[str, int, dict[str, Any]]] = collections.deque()
+    sent_early: set[str] = set()  # finished_sending seen before the verdict
     latencies: list[float] = []
     issued = 0
 
@@ -1119,6 +1191,7 @@ def run_workload(
                 st.p_demand_grows += demand
             else:
                 st.d_grows += 1
+                st.d_demand_grows += demand
         else:
             r = coord.op(
                 s.ref,
@@ -1135,11 +1208,59 @@ def run_workload(
         s.seen(r["chunks_after"])
         return True
 
-    def admit(req: str, nb: int, pre: dict[str, Any]) -> bool:
-        if coord.submit(d, req, pre["params"], n=nb) is None:
-            return False
-        inflight[req] = {"t": time.monotonic(), "p_ids": pre["block_ids"]}
-        return True
+    # A request moves: prefill sent (at_p) -> submit sent (at_d) -> in flight
+    # -> verdict. Commands are pipelined; each child answers in order, so a
+    # shrink sent after a prefill sees that prefill's blocks in use.
+    at_p: dict[int, tuple[str, int]] = {}
+    at_d: dict[int, tuple[str, int, dict[str, Any]]] = {}
+    # Requests a pool had no room for, retried when something was freed.
+    p_short: collections.deque[tuple[str, int]] = collections.deque()
+    d_short: collections.deque[tuple[str, int, dict[str, Any]]] = collections.deque()
+    issued_at: dict[str, float] = {}
+    mine: set[str] = set()  # every request this run issued
+
+    def send_prefill(req: str, nb: int) -> None:
+        at_p[p.child.send("prefill", engine=p.name, req=req, n=nb)] = (req, nb)
+
+    def send_submit(req: str, nb: int, pre: dict[str, Any]) -> None:
+        cid = d.child.send("submit", engine=d.name, req=req, params=pre["params"], n=nb)
+        at_d[cid] = (req, nb, pre)
+
+    def collect_replies() -> None:
+        for cid in [c for c in at_p if c in p.child.replies]:
+            req, nb = at_p.pop(cid)
+            pre = coord.take_reply(p.child, cid, "prefill")
+            if pre is None:
+                p_short.append((req, nb))
+            else:
+                send_submit(req, nb, pre)
+        for cid in [c for c in at_d if c in d.child.replies]:
+            req, nb, pre = at_d.pop(cid)
+            if coord.take_reply(d.child, cid, "submit") is None:
+                d_short.append((req, nb, pre))
+            else:
+                inflight[req] = {"t": issued_at.pop(req), "p_ids": pre["block_ids"]}
+
+    def retry_short(last: dict[str, int]) -> None:
+        """Resend what a pool refused once a request finished (which frees
+        blocks); grow the pool on demand when nothing else can free it."""
+        progress = st.requests + st.sends_confirmed
+        if p_short and not at_p:
+            idle = not (at_d or inflight or d_short)
+            if progress != last["p"] or idle:
+                if progress == last["p"] and not mutate("p", "grow", demand=True):
+                    raise RuntimeError(f"{p.name}: pool cannot hold a request")
+                last["p"] = progress
+                while p_short:
+                    send_prefill(*p_short.popleft())
+        if d_short and not at_d:
+            idle = not (inflight or at_p)
+            if progress != last["d"] or idle:
+                if progress == last["d"] and not mutate("d", "grow", demand=True):
+                    raise RuntimeError(f"{d.name}: pool cannot hold a request")
+                last["d"] = progress
+                while d_short:
+                    send_submit(*d_short.popleft())
 
     def complete(res: dict[str, Any]) -> None:
         req = res["req"]
@@ -1151,7 +1272,10 @@ def run_workload(
             st.ok += 1
             st.blocks_verified += res["blocks"]
             st.bytes += res["bytes"]
-            awaiting_sent.add(req)
+            if req in sent_early:
+                sent_early.discard(req)
+            else:
+                awaiting_sent.add(req)
         elif res["failed_ids"]:
             st.failed += 1
             st.errors.append(f"{req}: failed, local blocks {res['failed_ids']}")
@@ -1170,12 +1294,16 @@ def run_workload(
     def drain() -> None:
         for req in [r for r in coord.recv_done if r in inflight]:
             complete(coord.recv_done.pop(req))
-        for req in [r for r in coord.sent_done if r in awaiting_sent or r in inflight]:
+        for req in [r for r in coord.sent_done if r in mine]:
             coord.sent_done.pop(req)
-            awaiting_sent.discard(req)
             st.sends_confirmed += 1
+            if req in awaiting_sent:
+                awaiting_sent.discard(req)
+            else:
+                sent_early.add(req)
 
     before: dict[str, dict[str, Any]] = {}
+    errors_before = len(coord.engine_errors)
     t0 = time.monotonic()
     deadline = t0 + wl.timeout_s
     try:
@@ -1184,15 +1312,15 @@ def run_workload(
             if "mapped_chunks" in before[k]:
                 s.seen(before[k]["mapped_chunks"])
         t0 = time.monotonic()
+        last_retry = {"p": -1, "d": -1}
         while st.requests < n:
             if time.monotonic() > deadline:
                 raise TimeoutError(
                     f"workload did not finish in {wl.timeout_s:.0f}s "
                     f"({st.requests}/{n} done, {len(inflight)} in flight)"
                 )
-            while waiting and admit(*waiting[0]):
-                waiting.popleft()
-            while not waiting and issued < n and len(inflight) < wl.window:
+            active = len(at_p) + len(at_d) + len(inflight) + len(p_short) + len(d_short)
+            while issued < n and active < wl.window and not (p_short or d_short):
                 for side, what in forced.pop(issued, []):
                     mutate(side, what)
                 for side in ("p", "d"):
@@ -1201,20 +1329,18 @@ def run_workload(
                     if rng.random() < wl.p_shrink:
                         mutate(side, "shrink")
                 req = f"{prefix}-{wl.seed}-{issued}"
-                nb = rng.randint(*wl.blocks)
-                pre = coord.prefill(p, req, n=nb)
-                if pre is None and (inflight or not mutate("p", "grow", demand=True)):
-                    break  # producer pool short: wait for reads to finish
-                pre = pre or coord.prefill(p, req, n=nb)
-                if pre is None:
-                    raise RuntimeError(f"{p.name}: pool cannot hold {nb} blocks")
+                issued_at[req] = time.monotonic()
+                mine.add(req)
+                send_prefill(req, rng.randint(*wl.blocks))
                 issued += 1
-                if not admit(req, nb, pre):
-                    if not inflight:
-                        raise RuntimeError(f"{d.name}: pool cannot hold {nb} blocks")
-                    waiting.append((req, nb, pre))
+                active += 1
+            for child in (p.child, d.child):
+                if child.dead:
+                    raise ChildDied(child.name, child.proc.exitcode)
             coord.pump(0.05)
+            collect_replies()
             drain()
+            retry_short(last_retry)
         st.wall_s = time.monotonic() - t0
         grace = time.monotonic() + wl.send_grace_s
         while awaiting_sent and time.monotonic() < grace:
@@ -1224,6 +1350,8 @@ def run_workload(
         st.errors.append(f"{type(e).__name__}: {e}")
     st.wall_s = st.wall_s or time.monotonic() - t0
     st.sends_unconfirmed = len(awaiting_sent)
+    for err in coord.engine_errors[errors_before:]:
+        st.errors.append(f"engine {err['engine']} step raised {err['error']}")
     st.throughput_mb_s = st.bytes / 1e6 / st.wall_s if st.wall_s > 0 else 0.0
     st.latency_p50_ms = _percentile(latencies, 0.5) * 1e3
     st.latency_p99_ms = _percentile(latencies, 0.99) * 1e3

@@ -66,6 +66,7 @@ _LAYOUT_ORDERS: dict[str, tuple[int, ...]] = {
     "BHLNC": (_B, _H, _L, _N, _C),
 }
 assert frozenset(_LAYOUT_ORDERS) == ALL_KV_LAYOUTS
+TRANSFERABLE_KV_LAYOUTS = frozenset({"LBHNC", "LBNHC", "BLHNC", "BLNHC"})
 
 
 def _check_int(name: str, value: object, minimum: int) -> int:
@@ -725,7 +726,9 @@ class VmmKVAllocator:
     CAPABILITIES: ClassVar[KVMemoryCapabilities] = KVMemoryCapabilities(
         name="elastic_nixl.vmm",
         memory_kind=MemoryKind.CUDA,
-        layouts=ALL_KV_LAYOUTS,
+        # Layouts whose per-layer page of a block is one contiguous run: what
+        # NIXL descriptors over elastic memory can cover (not BHLNC / LHBNC).
+        layouts=TRANSFERABLE_KV_LAYOUTS,
         can_restride=True,
         stability=MappingStability.ELASTIC,
         export_kinds=frozenset({ExportKind.POSIX_FD}),

@@ -68,7 +68,6 @@ from elastic_nixl.connector.metadata import (
     decode_agent_metadata,
 )
 from elastic_nixl.connector.planning import (
-    DescriptorPlanError,
     ExtentIndex,
     RegionGeometry,
     Span,
@@ -293,6 +292,15 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
                 raise NotImplementedError(
                     f"layer {name}: flat KV views (shared HMA buffers) are not "
                     "supported on elastic memory"
+                )
+            page = spec.page_size_bytes // self._physical_blocks_per_logical_kv_block
+            if not (cache[0].is_contiguous() and cache[0].nbytes == page):
+                # Heads outside layers (BHLNC, LHBNC): a layer's page in a block
+                # is several pieces, not one run a descriptor can cover.
+                raise NotImplementedError(
+                    f"ElasticNixlConnector on elastic memory needs each layer's page "
+                    f"of a block to be contiguous; layout {self.kv_cache_layout} "
+                    f"splits it (layer {name}). Use LBHNC, LBNHC, BLHNC or BLNHC."
                 )
             views.append(
                 LayerView(
@@ -785,7 +793,8 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
                 notif_id,
             )
             self.nixl_wrapper.transfer(handle)
-        except (DescriptorPlanError, KVMemoryError, ValueError, RuntimeError) as e:
+        except Exception as e:  # noqa: BLE001 - NIXL errors derive from Exception
+            # As vLLM's _read_blocks: any failure fails this request alone.
             self.elastic_stats.refused_reads += 1
             self._log_failure(
                 failure_type="elastic_read_refused",

@@ -30,7 +30,6 @@ import multiprocessing.connection as mpc
 import os
 import random
 import signal
-import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
@@ -1400,19 +1399,6 @@ def _collect(
 def segv_count(coord: Coordinator) -> int:
     """Children that died of SIGSEGV (a read or write of unmapped memory)."""
     return sum(1 for c in coord.children.values() if c.proc.exitcode == -signal.SIGSEGV)
-
-
-def print_progress_line(
-    done: int, total: int, st: RunStats, stream: Any = None
-) -> None:
-    """One updating status line (``\\r``) for a terminal."""
-    stream = stream or sys.stderr
-    stream.write(
-        f"\r  {done}/{total} requests  ok={st.ok} failed={st.failed} "
-        f"corrupt={st.corrupted_blocks}  grows P/D={st.p_grows}/{st.d_grows} "
-        f"shrinks P/D={st.p_shrinks}/{st.d_shrinks}   "
-    )
-    stream.flush()
 
 
 __all__ = [

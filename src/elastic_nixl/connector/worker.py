@@ -294,7 +294,7 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
                     "supported on elastic memory"
                 )
             page = spec.page_size_bytes // self._physical_blocks_per_logical_kv_block
-            if not (cache[0].is_contiguous() and cache[0].nbytes == page):
+            if not (_is_dense(cache[0]) and cache[0].nbytes == page):
                 # Heads outside layers (BHLNC, LHBNC): a layer's page in a block
                 # is several pieces, not one run a descriptor can cover.
                 raise NotImplementedError(
@@ -885,6 +885,13 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             self._registrar.close()
         except Exception:  # noqa: BLE001 - best effort at shutdown
             logger.exception("ElasticNixlConnector: deregistration failed")
+
+
+def _is_dense(view: torch.Tensor) -> bool:
+    """One contiguous run of memory in some dimension order (LBNHC's [H, N, C]
+    view is N-major, yet its page is dense)."""
+    order = sorted(range(view.ndim), key=lambda i: -view.stride(i))
+    return view.permute(order).is_contiguous()
 
 
 def view_mem_type(worker: ElasticNixlConnectorWorker, engine_id: EngineId) -> str:

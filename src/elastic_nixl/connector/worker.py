@@ -890,7 +890,8 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
 def _is_dense(view: torch.Tensor) -> bool:
     """One contiguous run of memory in some dimension order (LBNHC's [H, N, C]
     view is N-major, yet its page is dense)."""
-    order = sorted(range(view.ndim), key=lambda i: -view.stride(i))
+    strides = view.stride()
+    order = sorted(range(view.ndim), key=lambda i: -strides[i])
     return view.permute(order).is_contiguous()
 
 

@@ -26,9 +26,7 @@ function raises ``KVMemoryError("no CUDA device: ...")``.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from types import ModuleType
@@ -45,13 +43,12 @@ from elastic_nixl.capabilities import (
     ExportKind,
     KVMemoryCapabilities,
     KVMemoryError,
-    Lease,
-    MappingListener,
     MappingStability,
     MemoryExtent,
     MemoryKind,
 )
 from elastic_nixl.config import TransferPath
+from elastic_nixl.memory import DiscoveredMemory
 
 # CUmemAllocationHandleType bits in CU_POINTER_ATTRIBUTE_ALLOWED_HANDLE_TYPES
 # (cuda.h; constant across CUDA 11-13). Kept here so export_kinds_of() needs no
@@ -463,17 +460,14 @@ def discover_cuda_extents(
 # --------------------------------------------------------------------------
 
 
-class DiscoveredCudaMemory:
+class DiscoveredCudaMemory(DiscoveredMemory):
     """CUDA KV memory whose owner told us nothing: ask the driver.
 
-    The mapped set is re-walked on :meth:`refresh` (see
-    :func:`discover_cuda_extents` for its cost); the owner announces no
-    changes, so the connector refreshes at registration. Capabilities come
-    from the first mapped extent: VMM memory (kvcached, vLLM's cumem pool) is
-    ELASTIC, since its owner may unmap it at any time, and ``cudaMalloc``
-    memory STATIC; a span with nothing mapped is taken for VMM (``cudaMalloc``
-    memory cannot be partly mapped). Blocks cannot be leased: nothing stops
-    the owner unmapping them under a transfer.
+    :meth:`refresh` re-walks the span (see :func:`discover_cuda_extents` for
+    its cost). Capabilities come from the first mapped extent: VMM memory
+    (kvcached, vLLM's cumem pool) is ELASTIC, since its owner may unmap it at
+    any time, and ``cudaMalloc`` memory STATIC; a span with nothing mapped is
+    taken for VMM (``cudaMalloc`` memory cannot be partly mapped).
     """
 
     def __init__(
@@ -490,24 +484,16 @@ class DiscoveredCudaMemory:
                 f"DiscoveredCudaMemory describes CUDA memory; span 0x{span.base:x} "
                 f"is {span.kind.value} memory (use DiscoveredHostMemory)"
             )
-        self._span = span
-        self._block_spans = block_spans
-        self._num_virtual_blocks = num_virtual_blocks
         self._granularity = (
             granularity
             if granularity is not None
             else cuda_allocation_granularity(span.device)
         )
         self._max_probes = max_probes
-        self._lock = threading.Lock()
-        self._epoch = 0
-        self._extents: tuple[MemoryExtent, ...] = ()
-        self._bases: list[int] = []
         self._info: CudaPointerInfo | None = None
-        self.refresh()
+        super().__init__(span, block_spans, num_virtual_blocks)
 
-    def refresh(self) -> bool:
-        """Re-walk the span; True if the mapped set changed."""
+    def _read_extents(self) -> tuple[MemoryExtent, ...]:
         spans = discover_cuda_extents(
             self._span.base,
             self._span.nbytes,
@@ -518,20 +504,11 @@ class DiscoveredCudaMemory:
         extents = tuple(
             MemoryExtent(b, n, self._span.device, MemoryKind.CUDA) for b, n in spans
         )
-        info = (
-            describe_cuda_pointer(extents[0].base, device=self._span.device)
-            if extents
-            else None
-        )
-        with self._lock:
-            if info is not None:
-                self._info = info
-            changed = extents != self._extents
-            if changed:
-                self._extents = extents
-                self._bases = [e.base for e in extents]
-                self._epoch += 1
-            return changed
+        if extents:
+            self._info = describe_cuda_pointer(
+                extents[0].base, device=self._span.device
+            )
+        return extents
 
     @property
     def pointer_info(self) -> CudaPointerInfo | None:
@@ -555,63 +532,6 @@ class DiscoveredCudaMemory:
             can_restride=False,
             stability=stability,
             export_kinds=exports,
-        )
-
-    @property
-    def reservation(self) -> MemoryExtent:
-        return self._span
-
-    @property
-    def num_virtual_blocks(self) -> int:
-        return self._num_virtual_blocks
-
-    @property
-    def num_mapped_blocks(self) -> int:
-        return self._num_virtual_blocks - len(
-            self.unmapped_blocks(range(self._num_virtual_blocks))
-        )
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def mapped_extents(self) -> tuple[MemoryExtent, ...]:
-        return self._extents
-
-    def _covered(self, start: int, nbytes: int) -> bool:
-        """Whether consecutive mapped extents cover ``[start, start + nbytes)``."""
-        extents, bases = self._extents, self._bases
-        i = bisect.bisect_right(bases, start) - 1
-        pos, stop = start, start + nbytes
-        while pos < stop:
-            if i < 0 or i >= len(extents):
-                return False
-            e = extents[i]
-            if not e.base <= pos < e.end:
-                return False
-            pos = e.end
-            i += 1
-        return True
-
-    def unmapped_blocks(self, block_ids: Iterable[int]) -> list[int]:
-        bad = []
-        for b in block_ids:
-            if not 0 <= b < self._num_virtual_blocks or not all(
-                self._covered(s, n) for s, n in self._block_spans(b)
-            ):
-                bad.append(b)
-        return bad
-
-    def subscribe(self, listener: MappingListener) -> Callable[[], None]:
-        return lambda: None
-
-    def lease(self, block_ids: Sequence[int]) -> Lease:
-        raise KVMemoryError(
-            "blocks of discovered CUDA memory cannot be leased: its owner (e.g. "
-            "kvcached or vLLM's cumem pool) does not implement "
-            "elastic_nixl.capabilities.KVMemory, so nothing stops it unmapping "
-            "blocks under a transfer; use allocator='vmm' or implement KVMemory "
-            "for that allocator"
         )
 
     def __repr__(self) -> str:

@@ -13,6 +13,8 @@ configure; nothing is guessed.
 
 from __future__ import annotations
 
+import abc
+import bisect
 import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -154,13 +156,13 @@ def accessible_extents(
     return spans
 
 
-class DiscoveredHostMemory:
-    """Host KV memory whose owner told us nothing: read the memory map.
+class DiscoveredMemory(abc.ABC):
+    """KV memory whose owner told us nothing: the mapped set is read from
+    outside (the process's memory map, the CUDA driver) on :meth:`refresh`.
 
-    The mapping is re-read on :meth:`refresh`; the owner announces no changes,
-    so the connector refreshes at registration. Blocks are not leasable: the
-    owner can unmap them under us, which is why ``stability`` says ELASTIC and
-    the doctor/connector log that such memory is used at the owner's risk.
+    The owner announces no changes, so the connector reads it at registration;
+    blocks cannot be leased, since nothing stops the owner unmapping them
+    under a transfer.
     """
 
     def __init__(
@@ -168,40 +170,34 @@ class DiscoveredHostMemory:
         span: MemoryExtent,
         block_spans: Callable[[int], list[tuple[int, int]]],
         num_virtual_blocks: int,
-        maps_reader: Callable[[], str] | None = None,
     ) -> None:
         self._span = span
         self._block_spans = block_spans
         self._num_virtual_blocks = num_virtual_blocks
-        self._read_maps = maps_reader or _read_self_maps
         self._lock = threading.Lock()
         self._epoch = 0
         self._extents: tuple[MemoryExtent, ...] = ()
+        self._bases: list[int] = []
         self.refresh()
 
+    @abc.abstractmethod
+    def _read_extents(self) -> tuple[MemoryExtent, ...]:
+        """The mapped extents of the span, sorted by base."""
+
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> KVMemoryCapabilities: ...
+
     def refresh(self) -> bool:
-        """Re-read the memory map; True if the mapped set changed."""
-        spans = accessible_extents(
-            parse_proc_maps(self._read_maps()), self._span.base, self._span.end
-        )
-        extents = tuple(MemoryExtent(b, e - b, 0, MemoryKind.HOST) for b, e in spans)
+        """Re-read the mapped set; True if it changed."""
+        extents = self._read_extents()
         with self._lock:
             changed = extents != self._extents
             if changed:
                 self._extents = extents
+                self._bases = [e.base for e in extents]
                 self._epoch += 1
             return changed
-
-    @property
-    def capabilities(self) -> KVMemoryCapabilities:
-        return KVMemoryCapabilities(
-            name="discovered-host",
-            memory_kind=MemoryKind.HOST,
-            layouts=frozenset({"LBNHC"}),
-            can_restride=False,
-            stability=MappingStability.ELASTIC,
-            export_kinds=frozenset({ExportKind.HOST}),
-        )
 
     @property
     def reservation(self) -> MemoryExtent:
@@ -213,6 +209,7 @@ class DiscoveredHostMemory:
 
     @property
     def num_mapped_blocks(self) -> int:
+        """O(virtual blocks): for reports, not for hot paths."""
         return self._num_virtual_blocks - len(
             self.unmapped_blocks(range(self._num_virtual_blocks))
         )
@@ -224,23 +221,70 @@ class DiscoveredHostMemory:
     def mapped_extents(self) -> tuple[MemoryExtent, ...]:
         return self._extents
 
+    def _covered(self, start: int, nbytes: int) -> bool:
+        """Whether consecutive mapped extents cover ``[start, start + nbytes)``."""
+        extents, bases = self._extents, self._bases
+        i = bisect.bisect_right(bases, start) - 1
+        pos, stop = start, start + nbytes
+        while pos < stop:
+            if i < 0 or i >= len(extents):
+                return False
+            e = extents[i]
+            if not e.base <= pos < e.end:
+                return False
+            pos = e.end
+            i += 1
+        return True
+
     def unmapped_blocks(self, block_ids: Iterable[int]) -> list[int]:
-        bad = []
-        for b in block_ids:
-            if not 0 <= b < self._num_virtual_blocks or not all(
-                any(e.contains(s, n) for e in self._extents)
-                for s, n in self._block_spans(b)
-            ):
-                bad.append(b)
-        return bad
+        return [
+            b
+            for b in block_ids
+            if not 0 <= b < self._num_virtual_blocks
+            or not all(self._covered(s, n) for s, n in self._block_spans(b))
+        ]
 
     def subscribe(self, listener: MappingListener) -> Callable[[], None]:
         return lambda: None
 
     def lease(self, block_ids: Sequence[int]) -> Lease:
         raise KVMemoryError(
-            "blocks of discovered host memory cannot be leased: its owner does not "
-            "implement elastic_nixl.capabilities.KVMemory; use allocator='vmm'"
+            f"blocks of {self.capabilities.name} memory cannot be leased: its owner "
+            "(e.g. kvcached or vLLM's cumem pool) does not implement "
+            "elastic_nixl.capabilities.KVMemory, so nothing stops it unmapping "
+            "blocks under a transfer; use allocator='vmm' or implement KVMemory "
+            "for that allocator"
+        )
+
+
+class DiscoveredHostMemory(DiscoveredMemory):
+    """Host KV memory of unknown origin, described from ``/proc/self/maps``."""
+
+    def __init__(
+        self,
+        span: MemoryExtent,
+        block_spans: Callable[[int], list[tuple[int, int]]],
+        num_virtual_blocks: int,
+        maps_reader: Callable[[], str] | None = None,
+    ) -> None:
+        self._read_maps = maps_reader or _read_self_maps
+        super().__init__(span, block_spans, num_virtual_blocks)
+
+    def _read_extents(self) -> tuple[MemoryExtent, ...]:
+        spans = accessible_extents(
+            parse_proc_maps(self._read_maps()), self._span.base, self._span.end
+        )
+        return tuple(MemoryExtent(b, e - b, 0, MemoryKind.HOST) for b, e in spans)
+
+    @property
+    def capabilities(self) -> KVMemoryCapabilities:
+        return KVMemoryCapabilities(
+            name="discovered-host",
+            memory_kind=MemoryKind.HOST,
+            layouts=frozenset({"LBNHC"}),
+            can_restride=False,
+            stability=MappingStability.ELASTIC,
+            export_kinds=frozenset({ExportKind.HOST}),
         )
 
 

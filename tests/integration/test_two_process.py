@@ -43,15 +43,6 @@ EPOCH_PARAM = "elastic_nixl_epoch"
 GET_META_MSG = b"get_meta_msg"  # vLLM's NIXL side-channel request
 # Heads outside layers: a layer's page in a block is several pieces.
 SPLIT_PAGE_LAYOUTS = frozenset({"BHLNC", "LHBNC"})
-FINISHED_SENDING_BUG = (
-    "the producer never reported finished_sending: PDEngine.prefill "
-    "(src/elastic_nixl/pd.py) calls scheduler.request_finished without "
-    "scheduler.update_state_after_alloc, so vLLM's worker never adds the request "
-    "to _reqs_to_process; the consumer's notification is logged as 'Potentially "
-    "invalid KV blocks for unrecognized request' and the blocks (and the "
-    "connector's leases) are never released"
-)
-
 # Log lines of the fault cases, printed at the end (pytest -s) for docs/demo.md.
 FAULT_LOG: dict[str, list[str]] = {}
 
@@ -64,7 +55,6 @@ class Cluster:
     p: EngineRef
     d: EngineRef
     extra: dict[str, EngineRef] = field(default_factory=dict)
-    sends_work: bool | None = None
     killed: set[str] = field(default_factory=set)
 
     def engine(self, child: Child, name: str, **spec: Any) -> EngineRef:
@@ -145,11 +135,6 @@ def no_engine_errors(cluster: Cluster) -> Iterator[None]:
     assert not new, f"engine {new[0]['engine']} step raised:\n{new[0]['traceback']}"
 
 
-def need_finished_sending(c: Cluster) -> None:
-    if c.sends_work is False:
-        pytest.xfail(FINISHED_SENDING_BUG)
-
-
 def wait_verdict(c: Cluster, req: str, errors0: int, timeout: float) -> dict[str, Any]:
     """The consumer's verdict on ``req``; fails at once if an engine step raised
     (vLLM's engine would have died: the request would never finish)."""
@@ -219,14 +204,10 @@ def test_a_byte_for_byte(cluster: Cluster) -> None:
     after = c.stats(c.d)
     assert after["bytes_read"] - before["bytes_read"] == sum(o.nbytes for o in outs)
     assert after["refused_reads"] == before["refused_reads"]
-    # Does the producer report finished_sending (frees its blocks)? Recorded
-    # here, asserted in test_z_producer_reports_finished_sending.
-    try:
-        for o in outs:
-            c.coord.wait_sent(o.req, timeout=15)
-        c.sends_work = True
-    except TimeoutError:
-        c.sends_work = False
+    # vLLM frees the producer's blocks (and the connector its leases) only
+    # after the producer's worker reports finished_sending.
+    for o in outs:
+        c.coord.wait_sent(o.req, timeout=30)
 
 
 def test_b_virtual_ids_beyond_physical_budget(cluster: Cluster) -> None:
@@ -312,7 +293,6 @@ def test_d_shrink_with_read_in_flight_is_deferred(cluster: Cluster) -> None:
     assert s1["registered_bytes"] == s1["mapped_bytes"]
     # The read happens after the shrink and sees the producer's bytes.
     ok(c.coord.receive(c.d, "d-1", pre["params"], n=4))
-    need_finished_sending(c)
     c.coord.wait_sent("d-1", timeout=30)
     assert c.coord.op(c.p, "query", block_ids=live) == {"unmapped": live, "leased": []}
     s2 = c.stats(c.p)
@@ -556,8 +536,6 @@ def test_e_randomized_grow_shrink_transfers(cluster: Cluster) -> None:
     assert st.refreshes > 0
     assert st.d_deregistrations > 0
     assert st.p_blocks_beyond_physical > 0 and st.d_blocks_beyond_physical > 0
-    if st.sends_unconfirmed:
-        need_finished_sending(c)
     assert st.sends_unconfirmed == 0
     assert st.p_deregistrations > 0
 
@@ -680,11 +658,3 @@ def test_h_producer_killed_mid_transfer(cluster: Cluster) -> None:
     for i in range(3):
         ok(c.coord.transfer(p2, c.d, f"k-new-{i}", 4, wait_sent=False))
     assert c.decode.proc.is_alive()
-
-
-def test_z_producer_reports_finished_sending(cluster: Cluster) -> None:
-    """vLLM frees a producer's blocks (and the connector its leases) only after
-    finished_sending; recorded by test_a."""
-    if cluster.sends_work is None:
-        pytest.skip("test_a did not run")
-    assert cluster.sends_work, FINISHED_SENDING_BUG

@@ -389,11 +389,10 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             self._unsubscribe = memory.subscribe(self._on_mapping_event)
             self._publish_handshake()
         logger.info(
-            "ElasticNixlConnector: %d region(s), %d virtual blocks, %d mapped, "
+            "ElasticNixlConnector: %d region(s), %d virtual blocks, "
             "%d extent(s) / %d bytes registered (epoch %d)",
             len(regions),
             memory.num_virtual_blocks,
-            memory.num_mapped_blocks,
             len(self._registrar.spans),
             self.elastic_stats.registered_bytes,
             memory.epoch,

@@ -36,6 +36,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import msgspec
 import numpy as np
 import torch
 
@@ -47,6 +48,12 @@ from elastic_nixl.connector.planning import (
     plan_read,
 )
 from elastic_nixl.connector.registration import ExtentRegistrar
+from elastic_nixl.connector.staged import (
+    StagedRead,
+    StagedReader,
+    StagingOffer,
+    StagingServer,
+)
 from elastic_nixl.staging import StagingBuffer, chunk_ids
 
 TIMEOUT_S = 120.0
@@ -157,6 +164,7 @@ class Side:
         self.register_s = 0.0
         self.alloc.subscribe(self._on_mapping)
         self.lease: Any = None
+        self._server: StagingServer | None = None
         self._sync()
 
     def _on_mapping(self, event: Any) -> None:
@@ -205,6 +213,26 @@ class Side:
         t = self.static if which == "static" else self.vmm
         idx = torch.tensor(ids, device=self.dev)
         return _fingerprint(t.index_select(1, idx))
+
+    def staging_agent(self, role: str) -> Any:
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        return nixl_agent(
+            f"gpu-bench-{role}-{self.rank}", nixl_agent_config(backends=["UCX"])
+        )
+
+    def staging_server(self) -> StagingServer:
+        """The connector's producer-side staging engine over our VMM memory."""
+        if self._server is None:
+            self._server = StagingServer(
+                self.staging_agent("server"),
+                list(self.vmm),
+                self.alloc.lease,
+                self.args.slot_blocks,
+                self.args.slots,
+                self.mem,
+            )
+        return self._server
 
     def wait(self, handle: Any) -> str:
         deadline = time.monotonic() + TIMEOUT_S
@@ -279,6 +307,8 @@ def producer_loop(side: Side, conn: Any, peer: str) -> None:
             )
         elif kind == "stage_cost":
             conn.send(measure_staging(side, msg[1]))
+        elif kind == "staging_server":
+            conn.send(msgspec.msgpack.encode(side.staging_server().offer))
 
 
 def _notifs(side: Side) -> list[bytes]:
@@ -613,6 +643,39 @@ def run_staged(
     return res
 
 
+def run_connector_staged(
+    side: Side,
+    ask: Any,
+    batches: list[tuple[list[int], list[int]]],
+    name: str,
+) -> CaseResult:
+    """VMM -> VMM through the connector's own staging engine (StagingServer on
+    the producer, StagedReader here, each on its own NIXL agent and thread,
+    control over NIXL notifications): what ElasticNixlConnector runs."""
+    offer = msgspec.msgpack.decode(ask(("staging_server",)), type=StagingOffer)
+    reader = StagedReader(
+        side.staging_agent("reader"),
+        list(side.vmm),
+        side.args.slot_blocks,
+        side.args.slots,
+        side.mem,
+        timeout_s=TIMEOUT_S,
+    )
+    res = CaseResult(name, 0, 0)
+    try:
+        for i, (lids, rids) in enumerate(batches):
+            t0 = time.perf_counter()
+            reader.submit(StagedRead(f"{name}-{i}", offer, rids, lids))
+            result = reader.next_result(TIMEOUT_S)
+            res.seconds.append(time.perf_counter() - t0)
+            assert result == (f"{name}-{i}", None), result
+            res.batch_bytes = len(lids) * side.shape.layers * side.shape.page
+            res.descriptors = -(-len(lids) // side.args.slot_blocks) * side.shape.layers
+    finally:
+        reader.close()
+    return res
+
+
 def read_direct(
     side: Side, peer: str, remote: dict[str, Any], lids: list[int], rids: list[int]
 ) -> str:
@@ -742,6 +805,9 @@ def consumer_main(
     bv = batches(args.repeats, per_batch)
     res = run_staged(side, peer, remote, conn, "vmm", bv, "c_project_vmm_staged")
     results.append(verify(res, "vmm", *bv[-1]))
+    bc = batches(args.repeats, per_batch)
+    res = run_connector_staged(side, ask, bc, "c_connector_vmm_staged")
+    results.append(verify(res, "vmm", *bc[-1]))
     small = batches(1, max(1, min(per_batch, args.direct_vmm_blocks)))
     res = run_planned(side, peer, remote, "vmm", small, "d_project_vmm_direct")
     res.note = "no staging: what UCX does with VMM memory on its own"

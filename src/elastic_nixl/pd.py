@@ -14,7 +14,7 @@ prefilled", and the consumer checks every received block byte for byte.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,7 +57,12 @@ def block_pattern(seed: str, shape: Sequence[int]) -> torch.Tensor:
 
 
 class PDEngine:
-    def __init__(self, spec: EngineSpec, nixl_agent: Any | None = None) -> None:
+    def __init__(
+        self,
+        spec: EngineSpec,
+        nixl_agent: Any | None = None,
+        staging_agent_factory: Callable[[str], Any] | None = None,
+    ) -> None:
         from vllm.distributed.kv_transfer.kv_connector.factory import (
             KVConnectorFactory,
         )
@@ -118,6 +123,7 @@ class PDEngine:
                 KVConnectorRole.WORKER,
                 self.kv_cache_config,
                 nixl_agent=nixl_agent,
+                staging_agent_factory=staging_agent_factory,
             )
         else:
             self.worker = cls(

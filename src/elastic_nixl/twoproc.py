@@ -500,6 +500,10 @@ class _ChildServer:
         es = getattr(w, "elastic_stats", None)
         if es is not None:
             out.update(dataclasses.asdict(es))
+        for side in ("staging_server", "staged_reader"):
+            staging = getattr(w, side, None)
+            if staging is not None:
+                out[side] = dataclasses.asdict(staging.stats)
         if h.alloc is not None:
             out.update(
                 epoch=h.alloc.epoch,

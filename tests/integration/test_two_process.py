@@ -600,6 +600,81 @@ def test_g_same_layout_both_sides(cluster: Cluster, layout: str) -> None:
                 c.coord.call(ref.child, "remove_engine", name=ref.name)
 
 
+# ---------------------------------------------------------------------------
+# Staged path over real NIXL/UCX (forced on host memory: the protocol, the
+# slot pipeline and the failure paths are the ones CUDA VMM memory takes)
+# ---------------------------------------------------------------------------
+
+STAGED = {"transfer_path": "staged", "staging_slots": 3, "staging_slot_bytes": 1}
+
+
+@pytest.fixture(scope="module")
+def staged_pair(cluster: Cluster) -> tuple[EngineRef, EngineRef]:
+    c = cluster
+    prod = c.engine(
+        c.prefill, "ps", **elastic("kv_producer", "it-staged-prefill", extra=STAGED)
+    )
+    cons = c.engine(
+        c.decode, "ds", **elastic("kv_consumer", "it-staged-decode", extra=STAGED)
+    )
+    return prod, cons
+
+
+@pytest.mark.slow
+def test_s_staged_randomized_grow_shrink(
+    cluster: Cluster, staged_pair: tuple[EngineRef, EngineRef]
+) -> None:
+    """Every block through 1-block slots (3 per side), grow/shrink on both."""
+    c = cluster
+    prod, cons = staged_pair
+    wl = Workload(
+        requests=int(os.environ.get("ELASTIC_NIXL_STAGED_REQUESTS", "200")),
+        blocks=(1, 8),
+        seed=20_261,
+        window=8,
+        p_grow=0.03,
+        p_shrink=0.03,
+        grow_blocks=64,
+        timeout_s=240,
+    )
+    st = run_workload(c.coord, prod, cons, wl, prefix="s")
+    print("\nstaged:\n" + st.table())
+    assert st.corrupted_blocks == 0 and st.unmapped_reads == 0
+    assert st.failed == 0 and st.ok == st.requests == wl.requests, st.errors[:5]
+    assert st.p_blocks_beyond_physical > 0 and st.d_blocks_beyond_physical > 0
+    assert st.sends_unconfirmed == 0
+    ps, ds = c.stats(prod), c.stats(cons)
+    # Nothing was read from the producer's KV memory directly.
+    assert ds["reads_posted"] == 0 and ds["staged_reads"] == wl.requests
+    assert ds["staged_reader"]["blocks"] == st.blocks
+    assert ps["staging_server"]["blocks"] == st.blocks
+    assert ps["staging_server"]["transfers"] == wl.requests
+
+
+def test_s_staged_unmapped_block_fails_alone(
+    cluster: Cluster, staged_pair: tuple[EngineRef, EngineRef]
+) -> None:
+    c = cluster
+    prod, cons = staged_pair
+    pre = c.coord.prefill(prod, "s-forged-src", n=2, max_id=P)
+    assert pre is not None
+    bad = c.coord.op(prod, "query", block_ids=list(range(30_000, 30_256)))["unmapped"][
+        0
+    ]
+    params = forged(
+        pre["params"],
+        remote_request_id="s-forged",
+        remote_block_ids=[[pre["block_ids"][0], bad]],
+    )
+    mark = c.log_mark(c.decode)
+    o = c.coord.receive(cons, "s-forged", params, n=2, timeout=60)
+    assert not o.ok and o.failed_ids == sorted(o.consumer_ids), o
+    errors = c.errors_since(c.decode, mark)
+    assert any(str(bad) in e and "s-forged" in e for e in errors), errors
+    FAULT_LOG["staged: remote block not mapped"] = errors
+    ok(c.coord.transfer(prod, cons, "s-after", 3, wait_sent=False))
+
+
 def test_h_producer_killed_mid_transfer(cluster: Cluster) -> None:
     """SIGKILL the prefill process with reads outstanding: those requests fail
     through vLLM's path, and the consumer serves a new producer."""

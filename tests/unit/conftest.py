@@ -29,7 +29,11 @@ def make_engine(fabric: MockNixlFabric) -> Iterator[Callable[..., object]]:
 
     def make(role: str, engine_id: str, **kw: object) -> PDEngine:
         spec = EngineSpec(role, engine_id, free_port(), **kw)  # type: ignore[arg-type]
-        eng = PDEngine(spec, nixl_agent=mock_agent(engine_id, fabric))
+        eng = PDEngine(
+            spec,
+            nixl_agent=mock_agent(engine_id, fabric),
+            staging_agent_factory=lambda name: mock_agent(name, fabric),
+        )
         engines.append(eng)
         return eng
 

@@ -783,6 +783,10 @@ class VmmKVAllocator:
         self._wanted = Runs.empty()
         self._lease_counts: dict[int, int] = {}
         self._leases: set[BlockLease] = set()
+        # Whether a leased block may be unwanted, i.e. an unmap was deferred:
+        # without one, releasing a lease has nothing to unmap (the common
+        # case, kept O(lease) rather than O(mapped)).
+        self._deferred = False
         self._subs: list[_Subscription] = []
         self._epoch = 0
         self._closed = False
@@ -1060,6 +1064,7 @@ class VmmKVAllocator:
 
     def _unmap_runs(self, blocks: Runs) -> tuple[MemoryExtent, ...]:
         self._wanted = self._wanted.difference(blocks)
+        self._deferred = self._deferred or bool(self._lease_counts)
         mapped_runs, _ = self._state()
         # Only blocks that touch mapped chunks matter: keeps shrink O(mapped).
         touching = _block_runs_touching(
@@ -1164,13 +1169,15 @@ class VmmKVAllocator:
                 else:
                     del self._lease_counts[b]
                     freed.append(b)
-            if not freed:
+            if not freed or not self._deferred:
                 return
             mapped_runs, _ = self._state()
             candidates = _chunk_runs_of_blocks(
                 self._pieces, Runs.from_ids(freed), self._chunk
             ).intersection(mapped_runs)
             self._release_unneeded(candidates)
+            leased = Runs.from_ids(np.fromiter(self._lease_counts, np.int64))
+            self._deferred = bool(leased.difference(self._wanted))
 
     # -------------------------------------------------------------- tensor
 

@@ -6,6 +6,7 @@ forwards; the work is in :mod:`.worker`, :mod:`.scheduler` and :mod:`.planning`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
@@ -49,6 +50,7 @@ class ElasticNixlConnector(NixlPullConnector):
         role: KVConnectorRole,
         kv_cache_config: KVCacheConfig,
         nixl_agent: Any | None = None,
+        staging_agent_factory: Callable[[str], Any] | None = None,
     ) -> None:
         self.settings = settings_of(vllm_config)
         # NixlPullConnector.__init__ would build vLLM's scheduler/worker (and a
@@ -65,6 +67,7 @@ class ElasticNixlConnector(NixlPullConnector):
                 kv_cache_config,
                 self.settings,
                 nixl_agent=nixl_agent,
+                staging_agent_factory=staging_agent_factory,
             )
 
     @classmethod

@@ -18,6 +18,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import (
     NixlHandshakePayload,
 )
 
+from elastic_nixl.connector.staged import StagingOffer
+
 # kv_transfer_params key: the producer's mapping epoch when it finished the
 # request. A consumer holding older metadata for that producer refreshes it.
 EPOCH_PARAM = "elastic_nixl_epoch"
@@ -33,6 +35,9 @@ class ElasticAgentMetadata(NixlAgentMetadata):
     registered_extents: list[tuple[int, int]] | None = None
     # Blocks per region that exist in the address space (virtual capacity).
     virtual_num_blocks: int | None = None
+    # Bounce slots to read through when this engine's memory cannot be
+    # exported to the transport (connector/staged.py); None: read directly.
+    staging: StagingOffer | None = None
 
 
 def decode_agent_metadata(payload_bytes: bytes) -> tuple[str, ElasticAgentMetadata]:

@@ -10,12 +10,16 @@ memory changes the answer:
 * ``_read_blocks_for_req`` / ``_read_blocks``: refresh stale peer metadata,
   then build the descriptors of one request from its block ids, coalesced;
 * ``start_load_kv`` / ``get_transfer_results``: pin blocks while peers read
-  them (leases), release when done.
+  them (leases), release when done;
+* staged path (memory UCX cannot export, e.g. VMM): the producer serves its
+  blocks through bounce slots and the consumer reads those instead
+  (:mod:`.staged`); completions re-enter vLLM's bookkeeping here.
 """
 
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -84,6 +88,12 @@ from elastic_nixl.connector.regions import (
     plan_regions,
 )
 from elastic_nixl.connector.registration import ExtentRegistrar, RegistrationStats
+from elastic_nixl.connector.staged import (
+    StagedRead,
+    StagedReader,
+    StagingOffer,
+    StagingServer,
+)
 from elastic_nixl.guards import check_expandable_segments
 from elastic_nixl.memory import resolve_kv_memory
 
@@ -109,6 +119,7 @@ class ElasticStats(RegistrationStats):
     blocks_read: int = 0
     bytes_read: int = 0
     refused_reads: int = 0
+    staged_reads: int = 0
 
 
 @dataclass
@@ -124,6 +135,7 @@ class PeerView:
     host: str = ""
     port: int = 0
     refreshed_for: set[str] = field(default_factory=set)
+    staging: StagingOffer | None = None
 
     @classmethod
     def from_metadata(
@@ -165,6 +177,7 @@ class PeerView:
             extents=ExtentIndex.build(_merge_overlaps(extents)),
             host=host,
             port=port,
+            staging=ext.staging if ext is not None else None,
         )
 
 
@@ -203,6 +216,7 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         kv_cache_config: KVCacheConfig,
         settings: ElasticNixlSettings,
         nixl_agent: Any | None = None,
+        staging_agent_factory: Callable[[str], Any] | None = None,
     ) -> None:
         super().__init__(vllm_config, engine_id, kv_cache_config)
         if nixl_agent is not None:
@@ -227,6 +241,13 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         self._required_epochs: dict[str, int] = {}
         self._send_leases: dict[str, Lease] = {}
         self._recv_leases: dict[str, Lease] = {}
+        # Staged path: our own NIXL agents, each driven by its own thread.
+        self._staging_agent_factory = staging_agent_factory
+        self._staging_agents: list[Any] = []
+        self.staging_server: StagingServer | None = None
+        self.staged_reader: StagedReader | None = None
+        # req_id -> (producer's vLLM agent, completion notification)
+        self._staged_pending: dict[str, tuple[str, bytes]] = {}
 
     # ------------------------------------------------------------------
     # Registration
@@ -246,6 +267,12 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         self._regions = regions
         self._check_transfer_path(memory)
         if memory.capabilities.stability is MappingStability.STATIC:
+            if self.transfer_path is TransferPath.STAGED:
+                raise ValueError(
+                    "kv_connector_extra_config['transfer_path'] = 'staged' serves "
+                    f"elastic KV memory; {memory.capabilities.name} is static. Use "
+                    "'auto' or 'direct'."
+                )
             if memory.capabilities.memory_kind is MemoryKind.CUDA:
                 check_expandable_segments()
             logger.info("ElasticNixlConnector: static KV memory, vLLM registration")
@@ -260,15 +287,6 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             caps.memory_kind, caps.export_kinds, self.settings.transfer_path
         )
         self.transfer_path = choice.path
-        if choice.path is TransferPath.STAGED:
-            raise KVMemoryError(
-                f"ElasticNixlConnector: KV memory {caps.name} needs the staged "
-                f"transfer path ({choice.reason}). Staging through exportable "
-                "bounce buffers (elastic_nixl.staging, measured 150 GB/s on "
-                "2xH200, docs/gpu.md) is not yet wired into the connector's "
-                "reads; set kv_connector_extra_config {'transfer_path': 'direct'} "
-                "to accept the slow path."
-            )
         log = logger.warning if "emulation" in choice.reason else logger.info
         log(
             "ElasticNixlConnector: transfer path %s: %s",
@@ -384,6 +402,8 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         self.device_kv_caches = kv_caches
         self.src_xfer_handles_by_block_size[self.block_size] = PER_REQUEST_HANDLE
         self.src_blocks_data = np.empty((0, 3), dtype=np.uint64)
+        if self.transfer_path is TransferPath.STAGED and self._is_producer():
+            self.staging_server = self._start_staging_server(memory)
         with self._reg_lock:
             self._registrar.sync(memory)
             self._unsubscribe = memory.subscribe(self._on_mapping_event)
@@ -444,6 +464,7 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             elastic_epoch=self.memory.epoch,
             registered_extents=[(b, n) for b, n in extents],
             virtual_num_blocks=min(r.num_blocks for r in self._regions),
+            staging=self.staging_server.offer if self.staging_server else None,
         )
         self.xfer_handshake_metadata = NixlHandshakePayload(
             compatibility_hash=self.compat_hash,
@@ -462,6 +483,148 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             self._reported_epoch = epoch
             payload = msgspec.msgpack.encode(self.xfer_handshake_metadata)
         return ElasticWorkerMetadata(epoch, {(0, self.tp_rank): payload})
+
+    # ------------------------------------------------------------------
+    # Staged path
+    # ------------------------------------------------------------------
+
+    def _is_producer(self) -> bool:
+        ktc = self.vllm_config.kv_transfer_config
+        return ktc is not None and ktc.is_kv_producer
+
+    def _new_staging_agent(self, side: str) -> Any:
+        name = f"{self.engine_id}-staging-{side}-{self.tp_rank}-{uuid.uuid4().hex[:8]}"
+        if self._staging_agent_factory is not None:
+            agent = self._staging_agent_factory(name)
+        else:
+            from vllm.distributed.nixl_utils import NixlWrapper, nixl_agent_config
+
+            agent = NixlWrapper(name, nixl_agent_config(backends=self.nixl_backends))
+        self._staging_agents.append(agent)
+        return agent
+
+    def _region_views(self) -> list[torch.Tensor]:
+        """Each region as ``[num_blocks, block_len]`` bytes over the KV memory."""
+        if len(set(self.region_group_ids or [r.group_id for r in self._regions])) > 1:
+            raise NotImplementedError(
+                "ElasticNixlConnector: staged transfers need one KV cache group; "
+                "this model has several (hybrid attention). Use "
+                "kv_connector_extra_config {'transfer_path': 'direct'}."
+            )
+        views = []
+        for r in self._regions:
+            cache = self.device_kv_caches[r.name]
+            storage = cache.untyped_storage()
+            views.append(
+                torch.empty(0, dtype=torch.uint8, device=cache.device).set_(
+                    storage,
+                    r.geometry.base - storage.data_ptr(),
+                    (r.num_blocks, r.geometry.block_len),
+                    (r.geometry.block_stride, 1),
+                )
+            )
+        return views
+
+    def _slot_blocks(self) -> int:
+        return self.settings.staging_slot_blocks(
+            sum(r.geometry.block_len for r in self._regions)
+        )
+
+    def _start_staging_server(self, memory: KVMemory) -> StagingServer:
+        server = StagingServer(
+            self._new_staging_agent("server"),
+            self._region_views(),
+            memory.lease,
+            self._slot_blocks(),
+            self.settings.staging_slots,
+            memory.capabilities.memory_kind.nixl_mem_type,
+        )
+        logger.info(
+            "ElasticNixlConnector: staging server up, %d slot(s) of %d block(s) "
+            "(%d bytes registered)",
+            server.slots,
+            server.slot_blocks,
+            server.buffer.nbytes,
+        )
+        return server
+
+    def _reader(self) -> StagedReader:
+        if self.staged_reader is None:
+            assert self.memory is not None
+            self.staged_reader = StagedReader(
+                self._new_staging_agent("reader"),
+                self._region_views(),
+                self._slot_blocks(),
+                self.settings.staging_slots,
+                self.memory.capabilities.memory_kind.nixl_mem_type,
+            )
+            logger.info(
+                "ElasticNixlConnector: staged reader up, %d slot(s) of %d block(s)",
+                self.staged_reader.slots,
+                self.staged_reader.slot_blocks,
+            )
+        return self.staged_reader
+
+    def _read_staged(
+        self,
+        view: PeerView,
+        request_id: str,
+        notif_id: bytes,
+        local_ids: Sequence[Sequence[int]],
+        remote_ids: Sequence[Sequence[int]],
+    ) -> None:
+        """Hand the read to the staged reader; completion comes back through
+        get_transfer_results. Raises if the request cannot be staged."""
+        assert view.staging is not None and self.memory is not None
+        flat_local = [int(b) for b in local_ids[0]]
+        flat_remote = [int(b) for b in remote_ids[0]]
+        read = StagedRead(request_id, view.staging, flat_remote, flat_local)
+        reader = self._reader()
+        self._recv_leases[request_id] = self.memory.lease(sorted(set(flat_local)))
+        reader.submit(read)
+        self._staged_pending[request_id] = (view.agent_name, notif_id)
+        self.elastic_stats.staged_reads += 1
+
+    def _collect_staged(self) -> None:
+        """Feed finished staged reads into vLLM's own completion bookkeeping."""
+        if self.staged_reader is None:
+            return
+        for req_id, error in self.staged_reader.poll_results():
+            agent_name, notif_id = self._staged_pending.pop(req_id)
+            if error is not None:
+                self.elastic_stats.refused_reads += 1
+                self._log_failure(
+                    failure_type="elastic_staged_read_failed", req_id=req_id, msg=error
+                )
+                self._release_recv_lease(req_id)
+                self._failed_recv_reqs.put(req_id)
+                continue
+            try:
+                # The producer frees its blocks on this, as after a direct READ.
+                self.nixl_wrapper.send_notif(agent_name, notif_msg=notif_id)
+            except Exception as e:  # noqa: BLE001 - the KV is here; P times out
+                self._log_failure(
+                    failure_type="notification_failed",
+                    msg="P worker blocks will be freed after timeout.",
+                    req_id=req_id,
+                    error=e,
+                )
+            # vLLM seeded an empty handle list for the request; now that it is
+            # no longer held back below, vLLM reports it done this step.
+            self._recving_transfers.setdefault(req_id, [])
+
+    def _pop_done_transfers(
+        self, transfers: dict[str, list[int]]
+    ) -> tuple[set[str], set[str]]:
+        done, failed = super()._pop_done_transfers(transfers)
+        if transfers is self._recving_transfers:
+            # A staged read has no NIXL handle of vLLM's agent to wait on: hold
+            # its (empty) entry until the staged reader reports it.
+            reading = done & self._staged_pending.keys()
+            for req_id in reading:
+                transfers[req_id] = []
+            done -= reading
+        return done, failed
 
     # ------------------------------------------------------------------
     # Handshake and peers
@@ -531,7 +694,7 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
                 f"{self.kv_cache_layout}, remote engine {engine_id} uses "
                 f"{nixl_agent_meta.kv_cache_layout}. Run both with the same "
                 "layout (the same kv_connector_extra_config 'allocator' gives the "
-                "same layout), or set \"enable_permute_local_kv\": true in the "
+                'same layout), or set "enable_permute_local_kv": true in the '
                 "consumer's --kv-transfer-config to receive LBHNC into a local "
                 "LBNHC cache."
             ) from e
@@ -763,7 +926,14 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         )
         notif_id = f"{remote_request_id}:{expected_consumers}".encode()
         handle = None
+        staged = (
+            view.staging is not None
+            and self.settings.transfer_path is not TransferPath.DIRECT
+        )
         try:
+            if staged:
+                self._read_staged(view, request_id, notif_id, local_ids, remote_ids)
+                return True
             plan = plan_read(
                 self._local_geometry(),
                 view.regions,
@@ -848,6 +1018,7 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
     # ------------------------------------------------------------------
 
     def get_transfer_results(self) -> KVConnectorTransferResults:
+        self._collect_staged()
         results = super().get_transfer_results()
         for req_id in results.finished_sending:
             lease = self._send_leases.pop(req_id, None)
@@ -867,6 +1038,15 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        for side in (self.staged_reader, self.staging_server):
+            if side is not None:
+                side.close()
+        self.staged_reader = self.staging_server = None
+        for agent in self._staging_agents:
+            close = getattr(agent, "close", None)
+            if close is not None:
+                close()
+        self._staging_agents.clear()
         for leases in (self._send_leases, self._recv_leases):
             for lease in leases.values():
                 lease.release()

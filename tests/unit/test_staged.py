@@ -1,0 +1,316 @@
+"""The staged path: producer gathers into bounce slots, consumer reads slots.
+
+Protocol and planning without vLLM; then through ElasticNixlConnector on real
+vLLM classes against the mock NIXL agent (which moves real bytes), with
+slots far smaller than a request so every transfer is chunked and pipelined.
+"""
+
+import time
+
+import pytest
+
+from conftest import run_until
+from elastic_nixl.config import ElasticNixlSettings
+from elastic_nixl.connector.staged import (
+    Cancel,
+    Done,
+    Failed,
+    Ready,
+    Stage,
+    decode,
+    encode,
+    staging_descriptors,
+)
+
+V = 20_000
+P = 64
+STAGED = {"transfer_path": "staged", "staging_slots": 2, "staging_slot_bytes": 1}
+
+
+def test_slot_descriptors_one_row_per_region() -> None:
+    rows = staging_descriptors(0x1000, 3, 4, 2, 100, 7, slot=1, num_blocks=3)
+    # slot 1 starts after 2 regions x 4 blocks x 100 bytes
+    assert rows == [(0x1000 + 800, 300, 7), (0x1000 + 800 + 400, 300, 7)]
+    with pytest.raises(ValueError, match="slot 3"):
+        staging_descriptors(0, 3, 4, 2, 100, 0, slot=3, num_blocks=1)
+    with pytest.raises(ValueError, match="5 blocks"):
+        staging_descriptors(0, 3, 4, 2, 100, 0, slot=0, num_blocks=5)
+
+
+def test_messages_round_trip_and_garbage_is_none() -> None:
+    for msg in (
+        Stage("r#1", [1, 2, 30_000], 4, b"md"),
+        Ready("r#1", 0, 1, 2),
+        Failed("r#1", "why"),
+        Done("r#1", 1),
+        Cancel("r#1"),
+    ):
+        assert decode(encode(msg)) == msg
+    assert decode(b"r1:1") is None  # vLLM's own notification format
+    assert decode(b"\x93garbage") is None
+
+
+def test_slot_blocks_from_settings() -> None:
+    s = ElasticNixlSettings.from_extra_config({"staging_slot_bytes": 10_000})
+    assert s.staging_slot_blocks(3_000) == 3
+    assert s.staging_slot_blocks(20_000) == 1  # a slot holds at least one block
+    with pytest.raises(ValueError, match="staging_slots"):
+        ElasticNixlSettings.from_extra_config({"staging_slots": 0})
+
+
+def _pair(make_engine, tag: str, **kw):
+    prod = make_engine(
+        "kv_producer", f"p-{tag}", virtual_blocks=V, physical_blocks=P, extra=STAGED
+    )
+    cons = make_engine(
+        "kv_consumer", f"d-{tag}", virtual_blocks=V, physical_blocks=P, **kw
+    )
+    return prod, cons
+
+
+def test_staged_transfer_chunks_through_slots(make_engine) -> None:
+    prod, cons = _pair(make_engine, "st", extra=STAGED)
+    pw, cw = prod.worker.connector_worker, cons.worker.connector_worker
+    assert pw.staging_server is not None and pw.staging_server.slot_blocks == 1
+    ids = [1, 2, 3, 7, 9]
+    params = prod.prefill("r1", ids)
+    prod.step()
+    cons.submit("r1", params, [10, 11, 12, 13, 14])
+    run_until(prod, cons, "r1")
+    assert cons.verify("r1", [10, 11, 12, 13, 14]) == []
+    assert cons.failed_blocks == set()
+    # Nothing read the producer's KV directly: all bytes came through slots.
+    assert cw.nixl_wrapper.stats().transfers_posted == 0
+    assert cw.elastic_stats.staged_reads == 1
+    assert pw.staging_server.stats.chunks == 5  # 5 blocks, 1-block slots
+    assert cw.staged_reader is not None and cw.staged_reader.stats.blocks == 5
+    # The producer is told through vLLM's own notification, as after a direct
+    # READ, and unpins the request's blocks on it.
+    assert cw.nixl_wrapper.stats().notifs_sent == 1
+    for _ in range(200):
+        if not pw._send_leases:
+            break
+        prod.step()
+        time.sleep(0.005)
+    assert not pw._send_leases
+
+
+def test_staged_blocks_beyond_physical_budget_after_growth(make_engine) -> None:
+    prod, cons = _pair(make_engine, "gr", extra=STAGED)
+    prod.allocator.map_blocks(range(12_000, 12_006))
+    cons.allocator.map_blocks(range(9_000, 9_006))
+    prod.step()
+    ids = list(range(12_000, 12_006))
+    params = prod.prefill("r2", ids)
+    prod.step()
+    cons.submit("r2", params, list(range(9_000, 9_006)))
+    run_until(prod, cons, "r2")
+    assert cons.verify("r2", list(range(9_000, 9_006))) == []
+
+
+def test_many_requests_share_the_slots(make_engine) -> None:
+    prod, cons = _pair(make_engine, "many", extra=STAGED)
+    want = {}
+    for i in range(6):
+        rid = f"m{i}"
+        src = [1 + 3 * i, 2 + 3 * i, 3 + 3 * i]
+        dst = [30 + 3 * i, 31 + 3 * i, 32 + 3 * i]
+        params = prod.prefill(rid, src)
+        prod.step()
+        cons.submit(rid, params, dst)
+        want[rid] = dst
+    done: set[str] = set()
+    for _ in range(400):
+        _, recving = cons.step()
+        prod.step()
+        done |= recving
+        if done >= set(want):
+            break
+        time.sleep(0.005)
+    assert done >= set(want)
+    for rid, dst in want.items():
+        assert cons.verify(rid, dst) == [], rid
+    assert cons.failed_blocks == set()
+
+
+def test_staged_unmapped_remote_block_fails_alone(make_engine) -> None:
+    prod, cons = _pair(make_engine, "bad", extra=STAGED)
+    good = prod.prefill("ok1", [1, 2])
+    prod.step()
+    forged = dict(good, remote_request_id="bad", remote_block_ids=([1, 17_000],))
+    cons.submit("bad", forged, [7, 8])
+    run_until(prod, cons, "bad")
+    assert cons.failed_blocks == {7, 8}
+    cw = cons.worker.connector_worker
+    assert cw.elastic_stats.refused_reads == 1
+    assert prod.worker.connector_worker.staging_server.stats.failures == 1
+    # The leases the producer took for the refused request are gone, and both
+    # engines keep serving through the same slots.
+    cons.submit("ok1", good, [5, 6])
+    run_until(prod, cons, "ok1")
+    assert cons.verify("ok1", [5, 6]) == []
+
+
+def test_consumer_direct_setting_reads_kv_directly(make_engine) -> None:
+    prod, cons = _pair(make_engine, "dir", extra={"transfer_path": "direct"})
+    params = prod.prefill("r", [4, 5])
+    prod.step()
+    cons.submit("r", params, [6, 7])
+    run_until(prod, cons, "r")
+    assert cons.verify("r", [6, 7]) == []
+    cw = cons.worker.connector_worker
+    assert cw.elastic_stats.staged_reads == 0 and cw.staged_reader is None
+    assert cw.nixl_wrapper.stats().transfers_posted == 1
+
+
+def test_vanilla_consumer_reads_a_staging_producer(make_engine) -> None:
+    prod, cons = _pair(make_engine, "van", memory="static", connector="NixlConnector")
+    params = prod.prefill("r", [1, 2])
+    prod.step()
+    cons.submit("r", params, [3, 4])
+    run_until(prod, cons, "r")
+    assert cons.verify("r", [3, 4]) == []
+
+
+def test_staged_requires_elastic_memory(make_engine) -> None:
+    with pytest.raises(ValueError, match="transfer_path.*static"):
+        make_engine("kv_producer", "p-static", memory="static", extra=STAGED)
+
+
+# ---------------------------------------------------------------------------
+# The staging engine alone (no vLLM): two mock agents, real bytes
+# ---------------------------------------------------------------------------
+
+
+class _Lease:
+    def __init__(self, log: list[str]) -> None:
+        self.log = log
+        log.append("lease")
+
+    def release(self) -> None:
+        self.log.append("release")
+
+
+def _lease_ok(log: list[str]):
+    return lambda ids: _Lease(log)
+
+
+def _engine(fabric, tag: str, views, lease, slot_blocks=2, slots=2, **kw):
+    import torch  # noqa: F401 - views are torch tensors
+
+    from conftest import mock_agent
+    from elastic_nixl.connector.staged import StagedReader, StagingServer
+
+    server = StagingServer(
+        mock_agent(f"srv-{tag}", fabric), views[0], lease, slot_blocks, slots, "DRAM"
+    )
+    reader = StagedReader(
+        mock_agent(f"rd-{tag}", fabric), views[1], slot_blocks, slots, "DRAM", **kw
+    )
+    return server, reader
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_engine_moves_bytes_stacked_or_not(fabric, stacked: bool) -> None:
+    import torch
+
+    from elastic_nixl.connector.staged import StagedRead
+
+    g = torch.Generator().manual_seed(7)
+    if stacked:  # regions evenly spaced in one allocation: one kernel
+        src_all = torch.randint(0, 255, (3, 40, 96), dtype=torch.uint8, generator=g)
+        dst_all = torch.zeros((3, 40, 96), dtype=torch.uint8)
+        src, dst = list(src_all), list(dst_all)
+    else:
+        src = [torch.randint(0, 255, (40, 96), dtype=torch.uint8, generator=g)]
+        src += [torch.randint(0, 255, (40, 96), dtype=torch.uint8, generator=g)]
+        dst = [torch.zeros((40, 96), dtype=torch.uint8) for _ in src]
+    log: list[str] = []
+    server, reader = _engine(fabric, f"b{stacked}", (src, dst), _lease_ok(log))
+    assert (server.stacked is not None) is stacked
+    try:
+        remote, local = [3, 1, 39, 20, 21], [0, 5, 6, 38, 2]
+        reader.submit(StagedRead("r", server.offer, remote, local))
+        assert reader.next_result(10) == ("r", None)
+        for r, loc in zip(remote, local, strict=True):
+            for s, d in zip(src, dst, strict=True):
+                assert torch.equal(s[r], d[loc])
+        for _ in range(200):  # the producer unpins once the last slot is back
+            if log == ["lease", "release"]:
+                break
+            time.sleep(0.01)
+        assert log == ["lease", "release"]
+        assert server.stats.chunks == 3 and sorted(server.free_slots) == [0, 1]
+    finally:
+        reader.close()
+        server.close()
+
+
+def test_engine_refused_blocks_fail_with_the_reason(fabric) -> None:
+    import torch
+
+    from elastic_nixl.capabilities import KVMemoryError
+    from elastic_nixl.connector.staged import StagedRead
+
+    def refuse(ids):
+        raise KVMemoryError(f"cannot lease block {max(ids)}: it is not mapped")
+
+    views = ([torch.zeros((8, 64), dtype=torch.uint8)],) * 2
+    server, reader = _engine(fabric, "ref", views, refuse)
+    try:
+        reader.submit(StagedRead("bad", server.offer, [1, 7], [2, 3]))
+        req, error = reader.next_result(10)
+        assert req == "bad" and "cannot lease block 7" in (error or "")
+        assert server.stats.failures == 1
+    finally:
+        reader.close()
+        server.close()
+
+
+def test_engine_reader_times_out_on_a_silent_producer(fabric) -> None:
+    import torch
+
+    from elastic_nixl.connector.staged import StagedRead
+
+    views = ([torch.zeros((8, 64), dtype=torch.uint8)],) * 2
+    server, reader = _engine(fabric, "silent", views, _lease_ok([]), timeout_s=0.3)
+    server.close()  # stops answering; its agent stays reachable
+    try:
+        reader.submit(StagedRead("r", server.offer, [1], [2]))
+        req, error = reader.next_result(10)
+        assert req == "r" and "no staged data from producer" in (error or "")
+    finally:
+        reader.close()
+
+
+def test_engine_server_reclaims_slots_of_a_vanished_consumer(fabric) -> None:
+    import torch
+
+    from conftest import mock_agent
+    from elastic_nixl.connector.staged import Stage, StagingServer, encode
+
+    log: list[str] = []
+    server = StagingServer(
+        mock_agent("srv-gone", fabric),
+        [torch.zeros((8, 64), dtype=torch.uint8)],
+        _lease_ok(log),
+        1,
+        2,
+        "DRAM",
+        slot_timeout_s=0.2,
+    )
+    ghost = mock_agent("ghost", fabric)
+    try:
+        ghost.add_remote_agent(server.offer.agent_metadata)
+        stage = Stage("x#1", [1, 2, 3], 1, ghost.get_agent_metadata())
+        ghost.send_notif(server.offer.agent_name, encode(stage))
+        for _ in range(100):  # both slots handed out, never read
+            if not server.free_slots:
+                break
+            time.sleep(0.01)
+        assert not server.free_slots
+        time.sleep(0.5)
+        assert sorted(server.free_slots) == [0, 1]
+        assert log == ["lease", "release"]
+    finally:
+        server.close()

@@ -14,6 +14,9 @@ Cases, all in one run, KV shaped like Llama-3-8B by default (32 layers,
 * ``b_project_static``: per-request descriptors from ``plan_read``;
 * ``c_project_vmm``: VMM memory on both sides through the staged path
   (gather -> READ of whole slots -> scatter, pipelined over two slots);
+* ``c_connector_vmm_staged``: the same through the connector's own staging
+  engine (``connector/staged.py``: StagingServer / StagedReader, each on its
+  own NIXL agent and thread, control over NIXL notifications);
 * ``d_project_vmm_direct``: VMM memory read directly (what UCX does with it
   when nothing stages: software emulation over TCP), on a small batch.
 

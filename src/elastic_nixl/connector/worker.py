@@ -590,7 +590,11 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         if self.staged_reader is None:
             return
         for req_id, error in self.staged_reader.poll_results():
-            agent_name, notif_id = self._staged_pending.pop(req_id)
+            pending = self._staged_pending.pop(req_id, None)
+            if pending is None:
+                logger.warning("ElasticNixlConnector: stray staged result %s", req_id)
+                continue
+            agent_name, notif_id = pending
             if error is not None:
                 self.elastic_stats.refused_reads += 1
                 self._log_failure(

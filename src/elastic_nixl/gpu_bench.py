@@ -217,6 +217,11 @@ class Side:
         idx = torch.tensor(ids, device=self.dev)
         return _fingerprint(t.index_select(1, idx))
 
+    @property
+    def peer_dev_id(self) -> int:
+        """The other rank's device (GPU rank 1 - us; host memory is device 0)."""
+        return 1 - self.rank if self.dev.type == "cuda" else 0
+
     def staging_agent(self, role: str) -> Any:
         from nixl._api import nixl_agent, nixl_agent_config
 
@@ -406,7 +411,7 @@ def run_ceiling(
             [
                 remote["ceiling"] + i * d,
                 d,
-                1 - side.rank if side.dev.type == "cuda" else 0,
+                side.peer_dev_id,
             ]
             for i in range(n)
         ],
@@ -453,7 +458,7 @@ def run_vanilla(
 ) -> CaseResult:
     """vLLM 0.32's scheme: prepped dlists of every (layer, block), by index."""
     L, nb, page = side.shape.layers, side.args.num_blocks, side.shape.page
-    rdev = 1 - side.rank if side.dev.type == "cuda" else 0
+    rdev = side.peer_dev_id
 
     def all_blocks(regions: list[tuple[int, int, int]], dev: int) -> np.ndarray:
         rows = np.empty((L * nb, 3), dtype=np.uint64)
@@ -509,7 +514,6 @@ def run_planned(
     name: str,
 ) -> CaseResult:
     """The project's direct path: descriptors planned per request, coalesced."""
-    rdev = 1 - side.rank if side.dev.type == "cuda" else 0
     lreg = side.regions(which)
     rreg = [RegionGeometry(*r) for r in remote[f"{which}_regions"]]
     lext, rext = (
@@ -519,30 +523,46 @@ def run_planned(
     res = CaseResult(name, 0, 0)
     for lids, rids in batches:
         t0 = time.perf_counter()
-        plan = plan_read(
-            lreg,
-            rreg,
-            [lids] * len(lreg),
-            [rids] * len(rreg),
-            lext,
-            rext,
-            side.dev_id,
-            rdev,
-        )
-        h = side.agent.initialize_xfer(
-            "READ",
-            side.agent.get_xfer_descs(plan.local, side.mem),
-            side.agent.get_xfer_descs(plan.remote, side.mem),
-            peer,
-            b"",
-        )
-        side.agent.transfer(h)
-        state = side.wait(h)
+        state, plan = _read_planned(side, peer, lreg, rreg, lext, rext, lids, rids)
         res.seconds.append(time.perf_counter() - t0)
-        side.agent.release_xfer_handle(h)
         assert state == "DONE", state
         res.batch_bytes, res.descriptors = plan.nbytes, plan.num_descs
     return res
+
+
+def _read_planned(
+    side: Side,
+    peer: str,
+    lreg: list[RegionGeometry],
+    rreg: list[RegionGeometry],
+    lext: ExtentIndex,
+    rext: ExtentIndex,
+    lids: list[int],
+    rids: list[int],
+) -> tuple[str, Any]:
+    """Plan one request's descriptors, READ them, wait: (final state, plan)."""
+    rdev = side.peer_dev_id
+    plan = plan_read(
+        lreg,
+        rreg,
+        [lids] * len(lreg),
+        [rids] * len(rreg),
+        lext,
+        rext,
+        side.dev_id,
+        rdev,
+    )
+    h = side.agent.initialize_xfer(
+        "READ",
+        side.agent.get_xfer_descs(plan.local, side.mem),
+        side.agent.get_xfer_descs(plan.remote, side.mem),
+        peer,
+        b"",
+    )
+    side.agent.transfer(h)
+    state = side.wait(h)
+    side.agent.release_xfer_handle(h)
+    return state, plan
 
 
 def run_staged(
@@ -559,7 +579,7 @@ def run_staged(
     Slot descriptors are prepped once (the staging buffers never move), so a
     chunk costs one ``make_prepped_xfer``.
     """
-    rdev = 1 - side.rank if side.dev.type == "cuda" else 0
+    rdev = side.peer_dev_id
     L, page = side.shape.layers, side.shape.page
     sg = side.staging.geometry
     from elastic_nixl.staging import SlotGeometry
@@ -567,12 +587,8 @@ def run_staged(
     rg = SlotGeometry(remote["staging"], L, sg.slot_blocks, page, sg.slots)
     layers = side.static if which == "static" else side.vmm
     nslots = sg.slots
-    full_l = np.concatenate(
-        [sg.descriptors(k, sg.slot_blocks, side.dev_id) for k in range(nslots)]
-    )
-    full_r = np.concatenate(
-        [rg.descriptors(k, sg.slot_blocks, rdev) for k in range(nslots)]
-    )
+    full_l = sg.every_slot(side.dev_id)
+    full_r = rg.every_slot(rdev)
     prep_l = side.agent.prep_xfer_dlist(
         "NIXL_INIT_AGENT", side.agent.get_xfer_descs(full_l, side.mem)
     )
@@ -684,29 +700,16 @@ def read_direct(
 ) -> str:
     """One direct READ of VMM blocks, planned against what we know the peer
     registered; raises DescriptorPlanError before posting if it is not."""
-    rdev = 1 - side.rank if side.dev.type == "cuda" else 0
-    lreg = side.regions("vmm")
-    rreg = [RegionGeometry(*r) for r in remote["vmm_regions"]]
-    plan = plan_read(
-        lreg,
-        rreg,
-        [lids] * len(lreg),
-        [rids] * len(rreg),
+    state, _ = _read_planned(
+        side,
+        peer,
+        side.regions("vmm"),
+        [RegionGeometry(*r) for r in remote["vmm_regions"]],
         ExtentIndex.build(side.extents("vmm")),
         ExtentIndex.build(remote["vmm"]),
-        side.dev_id,
-        rdev,
+        lids,
+        rids,
     )
-    h = side.agent.initialize_xfer(
-        "READ",
-        side.agent.get_xfer_descs(plan.local, side.mem),
-        side.agent.get_xfer_descs(plan.remote, side.mem),
-        peer,
-        b"",
-    )
-    side.agent.transfer(h)
-    state = side.wait(h)
-    side.agent.release_xfer_handle(h)
     return state
 
 

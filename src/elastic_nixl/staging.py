@@ -58,6 +58,13 @@ class SlotGeometry:
         rows[:, 2] = device
         return rows
 
+    def every_slot(self, device: int) -> np.ndarray:
+        """Whole-slot rows of every slot, slot-major: slot ``s``, layer ``l`` is
+        row ``s * num_layers + l`` (what a prepped descriptor list indexes)."""
+        return np.concatenate(
+            [self.descriptors(s, self.slot_blocks, device) for s in range(self.slots)]
+        )
+
 
 class StagingBuffer:
     """Bounce slots in exportable memory (``cudaMalloc`` via torch on CUDA)."""

@@ -17,9 +17,9 @@ from elastic_nixl.connector.staged import (
     Failed,
     Ready,
     Stage,
+    StagingOffer,
     decode,
     encode,
-    staging_descriptors,
 )
 
 V = 20_000
@@ -27,14 +27,22 @@ P = 64
 STAGED = {"transfer_path": "staged", "staging_slots": 2, "staging_slot_bytes": 1}
 
 
-def test_slot_descriptors_one_row_per_region() -> None:
-    rows = staging_descriptors(0x1000, 3, 4, 2, 100, 7, slot=1, num_blocks=3)
+def test_offer_geometry_is_the_slot_layout() -> None:
+    offer = StagingOffer("a", b"", 0x1000, 3, 4, 2, 100, 7, "VRAM")
     # slot 1 starts after 2 regions x 4 blocks x 100 bytes
-    assert rows == [(0x1000 + 800, 300, 7), (0x1000 + 800 + 400, 300, 7)]
+    assert offer.geometry.descriptors(1, 3, 7).tolist() == [
+        [0x1000 + 800, 300, 7],
+        [0x1000 + 800 + 400, 300, 7],
+    ]
+    assert offer.geometry.every_slot(7)[2 * 2 + 1].tolist() == [
+        0x1000 + 2 * 800 + 400,
+        400,
+        7,
+    ]
     with pytest.raises(ValueError, match="slot 3"):
-        staging_descriptors(0, 3, 4, 2, 100, 0, slot=3, num_blocks=1)
+        offer.geometry.descriptors(3, 1, 0)
     with pytest.raises(ValueError, match="5 blocks"):
-        staging_descriptors(0, 3, 4, 2, 100, 0, slot=0, num_blocks=5)
+        offer.geometry.descriptors(0, 5, 0)
 
 
 def test_messages_round_trip_and_garbage_is_none() -> None:
@@ -106,6 +114,9 @@ def test_staged_blocks_beyond_physical_budget_after_growth(make_engine) -> None:
     cons.submit("r2", params, list(range(9_000, 9_006)))
     run_until(prod, cons, "r2")
     assert cons.verify("r2", list(range(9_000, 9_006))) == []
+    # The producer checks the blocks (lease) when it stages them: no handshake
+    # round trip to refresh its extents first, as the direct path needs.
+    assert cons.worker.connector_worker.elastic_stats.refreshes == 0
 
 
 def test_many_requests_share_the_slots(make_engine) -> None:
@@ -241,6 +252,39 @@ def test_engine_moves_bytes_stacked_or_not(fabric, stacked: bool) -> None:
             time.sleep(0.01)
         assert log == ["lease", "release"]
         assert server.stats.chunks == 3 and sorted(server.free_slots) == [0, 1]
+    finally:
+        reader.close()
+        server.close()
+
+
+@pytest.mark.parametrize("server_slot, reader_slot", [(3, 2), (1, 4)])
+def test_engine_sides_with_different_slot_sizes(
+    fabric, server_slot: int, reader_slot: int
+) -> None:
+    """Engines configured differently agree on the smaller chunk."""
+    import torch
+
+    from conftest import mock_agent
+    from elastic_nixl.connector.staged import StagedRead, StagedReader, StagingServer
+
+    src = [torch.arange(40 * 64, dtype=torch.int32).view(40, 64).view(torch.uint8)]
+    dst = [torch.zeros_like(src[0])]
+    server = StagingServer(
+        mock_agent(f"srv-{server_slot}", fabric),
+        src,
+        _lease_ok([]),
+        server_slot,
+        2,
+        "DRAM",
+    )
+    reader = StagedReader(
+        mock_agent(f"rd-{reader_slot}", fabric), dst, reader_slot, 2, "DRAM"
+    )
+    try:
+        reader.submit(StagedRead("r", server.offer, [9, 3, 4, 5, 30], [0, 1, 2, 3, 4]))
+        assert reader.next_result(10) == ("r", None)
+        for r, loc in zip([9, 3, 4, 5, 30], range(5), strict=True):
+            assert torch.equal(src[0][r], dst[0][loc])
     finally:
         reader.close()
         server.close()

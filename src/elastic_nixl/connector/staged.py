@@ -42,10 +42,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
+import numpy as np
 import torch
 
 from elastic_nixl.capabilities import KVMemoryError, Lease
-from elastic_nixl.staging import StagingBuffer, chunk_ids
+from elastic_nixl.staging import SlotGeometry, StagingBuffer, chunk_ids
 
 logger = logging.getLogger(__name__)
 
@@ -70,44 +71,11 @@ class StagingOffer(msgspec.Struct, frozen=True):
     device_id: int
     mem_type: str
 
-    def slot_descriptors(
-        self, slot: int, num_blocks: int
-    ) -> list[tuple[int, int, int]]:
-        return staging_descriptors(
-            self.base,
-            self.slots,
-            self.slot_blocks,
-            self.num_regions,
-            self.block_len,
-            self.device_id,
-            slot,
-            num_blocks,
+    @property
+    def geometry(self) -> SlotGeometry:
+        return SlotGeometry(
+            self.base, self.num_regions, self.slot_blocks, self.block_len, self.slots
         )
-
-
-def staging_descriptors(
-    base: int,
-    slots: int,
-    slot_blocks: int,
-    num_regions: int,
-    block_len: int,
-    device_id: int,
-    slot: int,
-    num_blocks: int,
-) -> list[tuple[int, int, int]]:
-    """One ``(addr, len, device)`` per region for the first blocks of a slot
-    (a slot holds, per region, ``slot_blocks`` consecutive pages)."""
-    if not 0 <= slot < slots or not 0 < num_blocks <= slot_blocks:
-        raise ValueError(
-            f"slot {slot} / {num_blocks} blocks outside {slots} slots of "
-            f"{slot_blocks} blocks"
-        )
-    region_bytes = slot_blocks * block_len
-    start = base + slot * num_regions * region_bytes
-    return [
-        (start + r * region_bytes, num_blocks * block_len, device_id)
-        for r in range(num_regions)
-    ]
 
 
 # ----------------------------------------------------------------------------
@@ -242,18 +210,8 @@ class _Side:
     def slots(self) -> int:
         return self.buffer.geometry.slots
 
-    def descriptors(self, slot: int, num_blocks: int) -> list[tuple[int, int, int]]:
-        g = self.buffer.geometry
-        return staging_descriptors(
-            g.base,
-            g.slots,
-            g.slot_blocks,
-            g.num_layers,
-            g.page_bytes,
-            self.device_id,
-            slot,
-            num_blocks,
-        )
+    def descriptors(self, slot: int, num_blocks: int) -> np.ndarray:
+        return self.buffer.geometry.descriptors(slot, num_blocks, self.device_id)
 
     def copy_async(
         self,
@@ -613,8 +571,7 @@ class StagedReader(_Side):
         self._local_prep = agent.prep_xfer_dlist(
             "NIXL_INIT_AGENT",
             agent.get_xfer_descs(
-                [d for k in range(slots) for d in self.descriptors(k, slot_blocks)],
-                mem_type,
+                self.buffer.geometry.every_slot(self.device_id), mem_type
             ),
         )
         self._remote_prep: dict[str, Any] = {}
@@ -680,7 +637,12 @@ class StagedReader(_Side):
             t = _Transfer(
                 read,
                 xfer,
-                chunk_ids(range(len(read.local_block_ids)), self.slot_blocks),
+                # Chunks are the smaller of the two sides' slots, the rule the
+                # producer applies to Stage.max_blocks.
+                chunk_ids(
+                    range(len(read.local_block_ids)),
+                    min(self.slot_blocks, offer.slot_blocks),
+                ),
                 time.monotonic() + self._timeout,
             )
             try:
@@ -692,13 +654,7 @@ class StagedReader(_Side):
                             self.agent.prep_xfer_dlist(
                                 offer.agent_name,
                                 self.agent.get_xfer_descs(
-                                    [
-                                        d
-                                        for k in range(offer.slots)
-                                        for d in offer.slot_descriptors(
-                                            k, offer.slot_blocks
-                                        )
-                                    ],
+                                    offer.geometry.every_slot(offer.device_id),
                                     offer.mem_type,
                                 ),
                             )
@@ -770,7 +726,9 @@ class StagedReader(_Side):
                                 self.descriptors(local_slot, n), self.mem_type
                             ),
                             self.agent.get_xfer_descs(
-                                offer.slot_descriptors(remote_slot, n),
+                                offer.geometry.descriptors(
+                                    remote_slot, n, offer.device_id
+                                ),
                                 offer.mem_type,
                             ),
                             offer.agent_name,
@@ -895,5 +853,4 @@ __all__ = [
     "StagingOffer",
     "StagingServer",
     "StagingStats",
-    "staging_descriptors",
 ]

@@ -565,6 +565,14 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             )
         return self.staged_reader
 
+    def _reads_staged(self, view: PeerView) -> bool:
+        """Whether reads from this peer go through its slots: it offers them
+        and this engine was not told to read directly."""
+        return (
+            view.staging is not None
+            and self.settings.transfer_path is not TransferPath.DIRECT
+        )
+
     def _read_staged(
         self,
         view: PeerView,
@@ -836,7 +844,12 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         assert meta.remote is not None
         engine_id = meta.remote.engine_id
         view = self._peer_for(engine_id) if engine_id in self._remote_agents else None
-        if view is not None and view.elastic and req_id not in view.refreshed_for:
+        if (
+            view is not None
+            and view.elastic
+            and not self._reads_staged(view)  # the producer checks, not us
+            and req_id not in view.refreshed_for
+        ):
             needed = self._required_epochs.get(req_id, 0)
             if needed > view.epoch or self._remote_blocks_unknown(view, meta):
                 view.refreshed_for.add(req_id)
@@ -930,12 +943,8 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         )
         notif_id = f"{remote_request_id}:{expected_consumers}".encode()
         handle = None
-        staged = (
-            view.staging is not None
-            and self.settings.transfer_path is not TransferPath.DIRECT
-        )
         try:
-            if staged:
+            if self._reads_staged(view):
                 self._read_staged(view, request_id, notif_id, local_ids, remote_ids)
                 return True
             plan = plan_read(

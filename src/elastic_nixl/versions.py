@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
 
 SUPPORTED_VLLM = ((0, 32), (0, 33))  # [lower, upper)
 
@@ -14,9 +13,10 @@ def _release(v: str) -> tuple[int, int]:
 
 def vllm_version() -> str | None:
     try:
-        return version("vllm")
-    except PackageNotFoundError:
+        from vllm.version import __version__
+    except ImportError:
         return None
+    return str(__version__)
 
 
 def vllm_supported(v: str | None) -> bool:

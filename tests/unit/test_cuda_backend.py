@@ -105,12 +105,18 @@ class FakeDriver:
     def __init__(self, **attrs: int) -> None:
         self.calls: list[str] = []
         self.fail: dict[str, Any] = {}
-        self.attrs = {
+        named = {
             "CU_DEVICE_ATTRIBUTE_VIRTUAL_MEMORY_MANAGEMENT_SUPPORTED": 1,
             "CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR_SUPPORTED": 1,
             "CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_FABRIC_SUPPORTED": 0,
             "CU_DEVICE_ATTRIBUTE_GPU_DIRECT_RDMA_WITH_CUDA_VMM_SUPPORTED": 1,
             **attrs,
+        }
+        # Keyed by value: cuda-bindings 13.5 made some names aliases (VIRTUAL_
+        # MEMORY_ -> VIRTUAL_ADDRESS_MANAGEMENT_SUPPORTED), and an alias member
+        # reports the canonical name.
+        self.attrs = {
+            int(getattr(drv.CUdevice_attribute, k)): v for k, v in named.items()
         }
         self.live_handles: set[int] = set()
         self.mapped: dict[int, int] = {}
@@ -146,7 +152,7 @@ class FakeDriver:
         return self._ret("cuDevicePrimaryCtxRelease")
 
     def cuDeviceGetAttribute(self, attr: Any, dev: int) -> tuple[Any, ...]:  # noqa: N802
-        return self._ret("cuDeviceGetAttribute", self.attrs[attr.name])
+        return self._ret("cuDeviceGetAttribute", self.attrs[int(attr)])
 
     def cuCtxPushCurrent(self, ctx: Any) -> tuple[Any, ...]:  # noqa: N802
         return (R.CUDA_SUCCESS,)

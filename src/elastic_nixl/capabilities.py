@@ -18,13 +18,29 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-# vLLM's KVCacheLayout member names (vllm/v1/kv_cache_layout.py). Kept as
-# strings so this module imports without vLLM.
+# vLLM's KVCacheLayout member names (vllm/v1/kv_cache_layout.py), the one
+# list of layouts in the package. Kept as strings so this module imports
+# without vLLM. A name spells the physical order of the logical axes of the
+# 5D view: L(ayer), B(lock), H(ead), N (token in block), C(ontent).
+KV_LAYOUT_AXES = "LBHNC"
 ALL_KV_LAYOUTS: frozenset[str] = frozenset(
     {"LBHNC", "LBNHC", "LHBNC", "BLHNC", "BLNHC", "BHLNC"}
 )
 # What a tensor that cannot be re-strided gets: vLLM's default view order.
 DEFAULT_KV_LAYOUT = "LBNHC"
+
+
+def heads_inside_block(layout: str) -> bool:
+    """Whether each layer's page of a block is one contiguous run (the head
+    axis is inside both the layer and the block axes)."""
+    return layout.index("H") > max(layout.index("L"), layout.index("B"))
+
+
+# Layouts whose per-layer page is one run: what NIXL descriptors over
+# elastic memory can cover (not LHBNC / BHLNC).
+TRANSFERABLE_KV_LAYOUTS: frozenset[str] = frozenset(
+    name for name in ALL_KV_LAYOUTS if heads_inside_block(name)
+)
 
 
 class MemoryKind(enum.Enum):

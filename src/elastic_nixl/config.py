@@ -10,7 +10,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
 
 # Keys vLLM 0.32's NIXL connector reads from kv_connector_extra_config
 # (grep get_from_extra_config in vllm/distributed/kv_transfer/kv_connector/v1/nixl).
@@ -64,10 +67,13 @@ class ElasticNixlSettings:
     staging_slot_bytes: int = _DEFAULT_STAGING_SLOT_BYTES
 
     def staging_slot_blocks(self, bytes_per_block: int) -> int:
+        """Blocks one slot holds (at least one) for blocks of this size."""
         return max(1, self.staging_slot_bytes // max(1, bytes_per_block))
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> ElasticNixlSettings:
+        """Validate ``kv_connector_extra_config``; ``ValueError`` names the
+        first bad key and the valid choices."""
         extra = dict(extra or {})
         ours = {k: v for k, v in extra.items() if k not in VLLM_NIXL_KEYS}
         known = {
@@ -104,6 +110,14 @@ class ElasticNixlSettings:
                 )
             kwargs["chunk_bytes"] = chunk
         return cls(**kwargs)
+
+
+def settings_from_vllm_config(vllm_config: VllmConfig) -> ElasticNixlSettings:
+    """Our settings from ``--kv-transfer-config``: the one place they are read."""
+    ktc = vllm_config.kv_transfer_config
+    return ElasticNixlSettings.from_extra_config(
+        ktc.kv_connector_extra_config if ktc is not None else None
+    )
 
 
 def _enum_value(enum_cls: type[enum.Enum], key: str, ours: Mapping[str, Any]) -> Any:

@@ -25,7 +25,10 @@ from vllm.v1.kv_cache_interface import (
     create_kv_cache_views,
 )
 
-from elastic_nixl.allocator.core import BlockGeometry, MemoryBackend, VmmKVAllocator
+from elastic_nixl.allocator.backend import MemoryBackend
+from elastic_nixl.allocator.core import VmmKVAllocator
+from elastic_nixl.allocator.geometry import BlockGeometry
+from elastic_nixl.config import settings_from_vllm_config
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -72,12 +75,7 @@ def allocate_elastic_kv_cache(
     call ``allocator.grow_to(kv_cache_config.num_blocks)`` to back vLLM's
     physical budget.
     """
-    from elastic_nixl.config import ElasticNixlSettings
-
-    ktc = vllm_config.kv_transfer_config
-    settings = ElasticNixlSettings.from_extra_config(
-        ktc.kv_connector_extra_config if ktc is not None else None
-    )
+    settings = settings_from_vllm_config(vllm_config)
     if num_virtual_blocks is None:
         num_virtual_blocks = settings.virtual_blocks or 4 * kv_cache_config.num_blocks
     if chunk_bytes is None:

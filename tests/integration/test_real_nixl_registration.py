@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from elastic_nixl.harness import free_port
-from elastic_nixl.pd import EngineSpec, PDEngine
+from elastic_nixl.tools.harness.engine import EngineSpec, PDEngine
+from elastic_nixl.tools.harness.vllm_objects import free_port
 
 pytestmark = pytest.mark.integration
 

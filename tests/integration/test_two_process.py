@@ -23,16 +23,14 @@ from typing import Any
 
 import pytest
 
-from elastic_nixl.twoproc import (
+from elastic_nixl.tools.harness.child import ChildDied, ChildError
+from elastic_nixl.tools.harness.coordinator import (
     Child,
-    ChildDied,
-    ChildError,
     Coordinator,
     EngineRef,
     Outcome,
-    Workload,
-    run_workload,
 )
+from elastic_nixl.tools.harness.workload import Workload, run_workload
 
 pytestmark = pytest.mark.integration
 

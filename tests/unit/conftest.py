@@ -22,8 +22,8 @@ def mock_agent(name: str, fabric: MockNixlFabric) -> MockNixlAgent:
 
 @pytest.fixture
 def make_engine(fabric: MockNixlFabric) -> Iterator[Callable[..., object]]:
-    from elastic_nixl.harness import free_port
-    from elastic_nixl.pd import EngineSpec, PDEngine
+    from elastic_nixl.tools.harness.engine import EngineSpec, PDEngine
+    from elastic_nixl.tools.harness.vllm_objects import free_port
 
     engines: list[PDEngine] = []
 

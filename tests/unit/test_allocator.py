@@ -16,7 +16,6 @@ import pytest
 from elastic_nixl.allocator import (
     BlockGeometry,
     HostBackend,
-    Runs,
     VmmKVAllocator,
     blocks_in_chunk,
     chunks_for_blocks,
@@ -34,6 +33,7 @@ from elastic_nixl.capabilities import (
     MappingStability,
     MemoryKind,
 )
+from elastic_nixl.runs import Runs
 
 PAGE = 4096
 

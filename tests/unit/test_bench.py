@@ -15,7 +15,7 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def report() -> dict[str, Any]:
-    from elastic_nixl.bench import run_registration
+    from elastic_nixl.tools.bench.registration import run_registration
 
     return run_registration(
         virtual_blocks=V,
@@ -38,7 +38,7 @@ def _row(report: dict[str, Any], connector: str, static: bool) -> dict[str, Any]
 
 
 def test_report_structure(report: dict[str, Any]) -> None:
-    from elastic_nixl.bench import ELASTIC, VANILLA, format_table
+    from elastic_nixl.tools.bench.registration import ELASTIC, VANILLA, format_table
 
     assert report["sizes"]["virtual_blocks"] == V
     assert [(r["connector"], r["memory"].split()[0]) for r in report["rows"]] == [
@@ -59,7 +59,7 @@ def test_report_structure(report: dict[str, Any]) -> None:
 
 
 def test_elastic_registers_mapped_not_virtual(report: dict[str, Any]) -> None:
-    from elastic_nixl.bench import ELASTIC
+    from elastic_nixl.tools.bench.registration import ELASTIC
 
     r = _row(report, ELASTIC, static=False)
     assert r["virtual_blocks"] >= V and r["physical_blocks"] == P
@@ -72,7 +72,7 @@ def test_elastic_registers_mapped_not_virtual(report: dict[str, Any]) -> None:
 
 
 def test_static_baseline_matches_vanilla(report: dict[str, Any]) -> None:
-    from elastic_nixl.bench import ELASTIC, VANILLA
+    from elastic_nixl.tools.bench.registration import ELASTIC, VANILLA
 
     vanilla = _row(report, VANILLA, static=True)
     elastic = _row(report, ELASTIC, static=True)
@@ -83,7 +83,7 @@ def test_static_baseline_matches_vanilla(report: dict[str, Any]) -> None:
 
 
 def test_divisible_virtual_blocks() -> None:
-    from elastic_nixl.bench import Sizes, divisible_virtual_blocks
+    from elastic_nixl.tools.bench.registration import Sizes, divisible_virtual_blocks
 
     sizes = Sizes(1_000_000, 1_000, 4, 2 * MiB)
     v = divisible_virtual_blocks(sizes, page_bytes=4096)
@@ -94,7 +94,7 @@ def test_divisible_virtual_blocks() -> None:
 def test_vanilla_on_elastic_failure_is_an_outcome() -> None:
     """vLLM refuses a reservation that is no whole number of P-block segments;
     the child reports the assertion instead of ending the bench."""
-    from elastic_nixl.bench import Sizes, vanilla_on_elastic_child
+    from elastic_nixl.tools.bench.registration import Sizes, vanilla_on_elastic_child
 
     res = vanilla_on_elastic_child(Sizes(20_000, 100, 2, 2 * MiB), repeats=1)
     assert res.virtual_blocks == 20_480  # rounded to whole 2 MiB chunks

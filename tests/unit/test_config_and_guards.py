@@ -2,12 +2,12 @@
 
 import pytest
 
-from elastic_nixl.config import AllocatorChoice, ElasticNixlSettings, TransferPath
-from elastic_nixl.guards import (
+from elastic_nixl.compat import (
     check_expandable_segments,
     expandable_segments_source,
     parse_alloc_conf,
 )
+from elastic_nixl.config import AllocatorChoice, ElasticNixlSettings, TransferPath
 
 
 def test_defaults():

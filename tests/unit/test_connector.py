@@ -7,7 +7,7 @@ import pytest
 
 from conftest import run_until
 from elastic_nixl.connector.metadata import EPOCH_PARAM, decode_agent_metadata
-from elastic_nixl.connector.worker import fetch_handshake
+from elastic_nixl.connector.peers import fetch_handshake
 
 V = 20_000  # virtual blocks
 P = 64  # physical budget vLLM computed

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from elastic_nixl import cuda_discovery as disc
 from elastic_nixl.allocator.cuda import CudaDriverError, load_driver
 from elastic_nixl.capabilities import (
     ExportKind,
@@ -21,14 +20,14 @@ from elastic_nixl.capabilities import (
     MemoryKind,
 )
 from elastic_nixl.config import TransferPath
-from elastic_nixl.cuda_discovery import (
+from elastic_nixl.connector.planning import choose_transfer_path
+from elastic_nixl.memory import cuda as disc
+from elastic_nixl.memory.cuda import (
     CudaPointerInfo,
     DiscoveredCudaMemory,
     describe_cuda_pointer,
     discover_cuda_extents,
     export_kinds_of,
-    is_tcp_emulation_risk,
-    transfer_path_for,
 )
 
 drv = load_driver()
@@ -338,6 +337,12 @@ def test_argument_and_driver_errors(fake: Callable[..., FakeDriver]) -> None:
 # ------------------------------------------------------------ pointers (no GPU)
 
 
+def auto_path(info: CudaPointerInfo) -> TransferPath:
+    """The live transfer-path policy's answer for what discovery found."""
+    kind = info.memory_kind or MemoryKind.CUDA
+    return choose_transfer_path(kind, export_kinds_of(info), TransferPath.AUTO).path
+
+
 def test_cudamalloc_memory_is_legacy_ipc_capable_and_direct(
     fake: Callable[..., FakeDriver],
 ) -> None:
@@ -348,9 +353,7 @@ def test_cudamalloc_memory_is_legacy_ipc_capable_and_direct(
     assert (info.alloc_base, info.alloc_size) == (RES, 64 * MiB)
     assert info.allocation == MemoryExtent(RES, 64 * MiB, 0, MemoryKind.CUDA)
     assert export_kinds_of(info) == frozenset({ExportKind.LEGACY_CUDA_IPC})
-    assert not is_tcp_emulation_risk(info)
-    path, reason = transfer_path_for([info], TransferPath.AUTO)
-    assert path == "direct" and "legacy-CUDA-IPC capable" in reason
+    assert auto_path(info) is TransferPath.DIRECT
     assert f.calls.count("cuPointerGetAttributes") == 1  # all attributes at once
     f.assert_balanced()
 
@@ -365,11 +368,11 @@ def test_vmm_memory_is_staged_because_of_tcp_emulation(
     assert (info.alloc_base, info.alloc_size) == (RES + 8 * MiB, 4 * MiB)
     assert (info.range_base, info.range_size) == (RES, 16 * MiB)  # the reservation
     assert export_kinds_of(info) == frozenset({ExportKind.POSIX_FD})
-    assert is_tcp_emulation_risk(info)
-    choice = transfer_path_for([malloc_info(), info], "auto")
-    assert choice.path == "staged"
+    choice = choose_transfer_path(
+        MemoryKind.CUDA, export_kinds_of(info), TransferPath.AUTO
+    )
+    assert choice.path is TransferPath.STAGED
     assert "TCP" in choice.reason and "emulation" in choice.reason
-    assert f"0x{RES + 9 * MiB:x}" in choice.reason and "vmm" in choice.reason
     f.assert_balanced()  # the retained allocation handle was released
 
 
@@ -382,8 +385,6 @@ def test_unmapped_address_is_an_answer(
     assert info == CudaPointerInfo(address=RES + 5 * MiB, mapped=False)
     assert info.allocation is None and info.origin == "unmapped"
     assert export_kinds_of(info) == frozenset({ExportKind.NONE})
-    assert not is_tcp_emulation_risk(info)
-    assert transfer_path_for([info]).path == "direct"
     f.assert_balanced()
 
 
@@ -421,26 +422,7 @@ def test_host_memory_goes_direct(fake: Callable[..., FakeDriver]) -> None:
     fake([Alloc(RES, MiB, vmm=False, host=True, handle_types=0)])
     info = describe_cuda_pointer(RES)
     assert info.memory_kind is MemoryKind.HOST and not info.is_vmm
-    assert not is_tcp_emulation_risk(info)
-    path, reason = transfer_path_for([info])
-    assert path == "direct" and "host memory" in reason
-
-
-def test_explicit_transfer_path_wins() -> None:
-    vmm, malloc = vmm_info(), malloc_info()
-    assert transfer_path_for([malloc], TransferPath.STAGED) == (
-        "staged",
-        "transfer_path='staged' is set explicitly",
-    )
-    path, reason = transfer_path_for([vmm], "direct")
-    assert path == "direct" and reason.startswith("transfer_path='direct' is set")
-    assert "warning" in reason and "TCP" in reason  # honoured, but not silently
-    assert transfer_path_for([malloc], "direct").reason == (
-        "transfer_path='direct' is set explicitly"
-    )
-    assert transfer_path_for([], "auto").path == "direct"
-    with pytest.raises(ValueError, match="transfer_path 'fast' is not one of"):
-        transfer_path_for([vmm], "fast")
+    assert auto_path(info) is TransferPath.DIRECT
 
 
 def test_context_handling(fake: Callable[..., FakeDriver]) -> None:
@@ -549,9 +531,8 @@ def test_discovered_cudamalloc_memory_is_static(
     assert mem.capabilities.stability is MappingStability.STATIC
     assert mem.capabilities.export_kinds == {ExportKind.LEGACY_CUDA_IPC}
     assert mem.num_mapped_blocks == 8
-    assert transfer_path_for([mem.pointer_info] if mem.pointer_info else []).path == (
-        "direct"
-    )
+    assert mem.pointer_info is not None
+    assert auto_path(mem.pointer_info) is TransferPath.DIRECT
 
 
 def test_discovered_memory_with_nothing_mapped(
@@ -599,7 +580,7 @@ def test_gpu_cudamalloc_tensor(cuda_torch: Any) -> None:
         info.alloc_size
     )
     assert ExportKind.LEGACY_CUDA_IPC in export_kinds_of(info)
-    assert transfer_path_for([info]).path == "direct"
+    assert auto_path(info) is TransferPath.DIRECT
     assert discover_cuda_extents(ptr, t.numel()) == [(ptr, t.numel())]
     span = MemoryExtent(ptr, t.numel(), 0, MemoryKind.CUDA)
     mem = DiscoveredCudaMemory(span, spans_of(MiB, ptr), 64)
@@ -631,11 +612,9 @@ def test_gpu_vmm_reservation_with_a_hole(cuda_torch: Any) -> None:
         assert info.device == 0 and info.origin == "vmm"
         assert (info.alloc_base, info.alloc_size) == (base, 2 * g)
         assert export_kinds_of(info) == {ExportKind.POSIX_FD}
-        assert is_tcp_emulation_risk(info)
-        choice = transfer_path_for([info])
-        assert choice.path == "staged" and "TCP" in choice.reason
+        assert auto_path(info) is TransferPath.STAGED
         hole = describe_cuda_pointer(base + 2 * g)
-        assert not hole.mapped and not is_tcp_emulation_risk(hole)
+        assert not hole.mapped
         span = MemoryExtent(base, 8 * g, 0, MemoryKind.CUDA)
         mem = DiscoveredCudaMemory(span, spans_of(g, base), 8, granularity=g)
         assert mem.capabilities.stability is MappingStability.ELASTIC

@@ -101,7 +101,7 @@ def run_child(body: str) -> subprocess.CompletedProcess[str]:
     script = textwrap.dedent(
         """
         import ctypes, sys
-        from elastic_nixl.allocator.core import BlockGeometry, VmmKVAllocator
+        from elastic_nixl.allocator import BlockGeometry, VmmKVAllocator
         from elastic_nixl.allocator.host import HostBackend
         a = VmmKVAllocator(HostBackend(), BlockGeometry.layer_outermost(4096, 1, 8), 8)
         base = a.reservation.base

@@ -3,18 +3,17 @@
 import pytest
 import torch
 
-from elastic_nixl.allocator import registry
-from elastic_nixl.allocator.core import BlockGeometry, VmmKVAllocator
+from elastic_nixl.allocator import BlockGeometry, VmmKVAllocator, registry
 from elastic_nixl.allocator.host import HostBackend
 from elastic_nixl.capabilities import KVMemory, KVMemoryError, MappingStability
 from elastic_nixl.config import AllocatorChoice
 from elastic_nixl.memory import (
     DiscoveredHostMemory,
     StaticKVMemory,
-    accessible_extents,
     parse_proc_maps,
     resolve_kv_memory,
 )
+from elastic_nixl.memory.host import accessible_extents
 
 PAGE, LAYERS, V = 4096, 2, 4096
 

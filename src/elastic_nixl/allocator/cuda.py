@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from elastic_nixl.allocator.core import DL_CUDA, MemoryBackend, dlpack_tensor
+from elastic_nixl.allocator.backend import MemoryBackend
+from elastic_nixl.allocator.dlpack import DL_CUDA, dlpack_tensor
 from elastic_nixl.capabilities import ExportKind, KVMemoryError, MemoryKind
 
 if TYPE_CHECKING:

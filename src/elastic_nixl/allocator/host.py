@@ -20,7 +20,8 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from elastic_nixl.allocator.core import DL_CPU, MemoryBackend, dlpack_tensor
+from elastic_nixl.allocator.backend import MemoryBackend
+from elastic_nixl.allocator.dlpack import DL_CPU, dlpack_tensor
 from elastic_nixl.capabilities import ExportKind, KVMemoryError, MemoryKind
 
 if TYPE_CHECKING:

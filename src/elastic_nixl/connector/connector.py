@@ -20,11 +20,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import (
 from vllm.logger import init_logger
 
 from elastic_nixl.allocator.core import VmmKVAllocator
-from elastic_nixl.config import AllocatorChoice, ElasticNixlSettings
+from elastic_nixl.compat import check_vllm_version
+from elastic_nixl.config import AllocatorChoice, settings_from_vllm_config
 from elastic_nixl.connector.planning import choose_kv_layout
 from elastic_nixl.connector.scheduler import ElasticNixlConnectorScheduler
 from elastic_nixl.connector.worker import ElasticNixlConnectorWorker
-from elastic_nixl.versions import check_vllm_version
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -32,13 +32,6 @@ if TYPE_CHECKING:
 
 check_vllm_version()
 logger = init_logger(__name__)
-
-
-def settings_of(vllm_config: VllmConfig) -> ElasticNixlSettings:
-    ktc = vllm_config.kv_transfer_config
-    return ElasticNixlSettings.from_extra_config(
-        ktc.kv_connector_extra_config if ktc is not None else None
-    )
 
 
 class ElasticNixlConnector(NixlPullConnector):
@@ -52,7 +45,7 @@ class ElasticNixlConnector(NixlPullConnector):
         nixl_agent: Any | None = None,
         staging_agent_factory: Callable[[str], Any] | None = None,
     ) -> None:
-        self.settings = settings_of(vllm_config)
+        self.settings = settings_from_vllm_config(vllm_config)
         # NixlPullConnector.__init__ would build vLLM's scheduler/worker (and a
         # NIXL agent); build ours instead on top of the shared base.
         NixlBaseConnector.__init__(self, vllm_config, role, kv_cache_config)
@@ -72,9 +65,12 @@ class ElasticNixlConnector(NixlPullConnector):
 
     @classmethod
     def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        """The layout the configured allocator can produce (see
+        :func:`~elastic_nixl.connector.planning.choose_kv_layout`); peers must
+        agree or one of them permutes after receive."""
         if vllm_config.model_config is None:
             return None
-        settings = settings_of(vllm_config)
+        settings = settings_from_vllm_config(vllm_config)
         caps = (
             VmmKVAllocator.CAPABILITIES
             if settings.allocator is AllocatorChoice.VMM
@@ -91,6 +87,8 @@ class ElasticNixlConnector(NixlPullConnector):
         return layout
 
     def build_connector_worker_meta(self) -> KVConnectorWorkerMetadata | None:
+        """A new handshake payload after a mapping change, for the scheduler to
+        serve; None when nothing changed."""
         worker = self.connector_worker
         if isinstance(worker, ElasticNixlConnectorWorker):
             return worker.build_worker_meta()

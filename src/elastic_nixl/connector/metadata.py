@@ -18,7 +18,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import (
     NixlHandshakePayload,
 )
 
-from elastic_nixl.connector.staged import StagingOffer
+from elastic_nixl.staging.protocol import StagingOffer
 
 # kv_transfer_params key: the producer's mapping epoch when it finished the
 # request. A consumer holding older metadata for that producer refreshes it.

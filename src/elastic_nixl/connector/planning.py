@@ -18,6 +18,7 @@ from elastic_nixl.capabilities import (
     MemoryKind,
 )
 from elastic_nixl.config import AllocatorChoice, TransferPath
+from elastic_nixl.runs import Runs, Span
 
 # vLLM's NixlConnector asks for this layout (its old name: HND).
 VLLM_NIXL_PREFERRED_LAYOUT = "LBHNC"
@@ -59,8 +60,6 @@ def choose_kv_layout(
 # Registration
 # --------------------------------------------------------------------------
 
-Span = tuple[int, int]  # (base, nbytes)
-
 
 @dataclass(frozen=True)
 class RegistrationPlan:
@@ -96,17 +95,6 @@ def plan_registration(
         register=tuple(s for s in want if s not in have),
         deregister=tuple(sorted(have - want_set)),
     )
-
-
-def coverage_spans(extents: Iterable[Span]) -> list[Span]:
-    """Merge abutting extents into maximal contiguous spans."""
-    spans: list[Span] = []
-    for base, nbytes in sorted(extents):
-        if spans and spans[-1][0] + spans[-1][1] == base:
-            spans[-1] = (spans[-1][0], spans[-1][1] + nbytes)
-        else:
-            spans.append((base, nbytes))
-    return spans
 
 
 # --------------------------------------------------------------------------
@@ -147,33 +135,29 @@ class DescriptorPlanError(ValueError):
 
 @dataclass(frozen=True)
 class ExtentIndex:
-    """Registered extents of one side, searchable by address."""
+    """Registered extents of one side, searchable by address.
 
-    bases: np.ndarray  # sorted uint64 extent starts
+    A descriptor must lie inside one registration (``next_boundary``); a
+    block is readable when registered memory covers it (``uncovered``), even
+    across abutting registrations.
+    """
+
+    bases: np.ndarray  # sorted int64 extent starts
     ends: np.ndarray  # matching extent ends
-    cover_bases: np.ndarray  # merged contiguous coverage
-    cover_ends: np.ndarray
+    cover: Runs  # merged contiguous coverage
 
     @classmethod
     def build(cls, extents: Iterable[Span]) -> ExtentIndex:
         ext = sorted(extents)
-        cover = coverage_spans(ext)
         return cls(
             bases=np.array([b for b, _ in ext], dtype=np.int64),
             ends=np.array([b + n for b, n in ext], dtype=np.int64),
-            cover_bases=np.array([b for b, _ in cover], dtype=np.int64),
-            cover_ends=np.array([b + n for b, n in cover], dtype=np.int64),
+            cover=Runs.from_spans(ext),
         )
 
     def uncovered(self, addrs: np.ndarray, length: int) -> np.ndarray:
         """Mask of ``[addr, addr+length)`` ranges not inside registered memory."""
-        if len(self.cover_bases) == 0:
-            return np.ones(len(addrs), dtype=bool)
-        idx = np.searchsorted(self.cover_bases, addrs, side="right") - 1
-        ok = idx >= 0
-        safe = np.where(ok, idx, 0)
-        ok &= addrs + length <= self.cover_ends[safe]
-        return ~ok
+        return ~self.cover.covers(addrs, length)
 
     def next_boundary(self, addr: int) -> int:
         """End of the single registration that contains ``addr``."""

@@ -44,6 +44,7 @@ class ExtentRegistrar:
 
     @property
     def spans(self) -> list[Span]:
+        """What is registered now, as ``(base, nbytes)``, sorted."""
         with self._lock:
             return sorted(self._registered)
 
@@ -70,6 +71,7 @@ class ExtentRegistrar:
                 self.sync(memory)
 
     def close(self) -> None:
+        """Deregister everything."""
         with self._lock:
             for span in list(self._registered):
                 self._deregister(span)

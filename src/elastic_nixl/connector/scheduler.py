@@ -51,8 +51,11 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
     def set_xfer_handshake_metadata(
         self, metadata: dict[tuple[int, int], KVConnectorHandshakeMetadata]
     ) -> None:
-        # vLLM's version hands its listener a private copy; ours serves a dict
-        # we keep so later payloads replace earlier ones.
+        """Serve ``metadata`` on the side channel, replaceable later.
+
+        vLLM's version hands its listener a private copy; ours serves a dict
+        we keep so later payloads (after growth or shrink) replace earlier ones.
+        """
         for key, rank_meta in metadata.items():
             if not isinstance(rank_meta, NixlHandshakePayload):
                 raise ValueError(
@@ -78,6 +81,7 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
             ready.wait()
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        """vLLM's bookkeeping, then the worker's new payload and epoch."""
         super().update_connector_output(connector_output)
         worker_meta = connector_output.kv_connector_worker_meta
         if isinstance(worker_meta, ElasticWorkerMetadata):
@@ -86,11 +90,14 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
 
     @property
     def producer_epoch(self) -> int:
+        """The newest mapping epoch this engine's worker reported."""
         return self._producer_epoch
 
     def request_finished(
         self, request: Request, block_ids: Any
     ) -> tuple[bool, dict[str, Any] | None]:
+        """vLLM's answer, plus our epoch in ``kv_transfer_params`` and the
+        request's blocks queued for the worker to pin until they are read."""
         delay_free, params = super().request_finished(request, block_ids)
         if delay_free and params is not None:
             params[EPOCH_PARAM] = self._producer_epoch
@@ -102,6 +109,7 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
     def build_connector_meta(
         self, scheduler_output: SchedulerOutput
     ) -> KVConnectorMetadata:
+        """vLLM's metadata plus the epochs reads need and the blocks to pin."""
         epochs = {
             req_id: int(req.kv_transfer_params[EPOCH_PARAM])
             for req_id, (req, *_rest) in self._reqs_need_recv.items()

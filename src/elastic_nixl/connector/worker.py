@@ -19,41 +19,30 @@ memory changes the answer:
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
 import torch
-import zmq
 from vllm.distributed.kv_transfer.kv_connector.utils import (
     EngineId,
-    EngineTransferInfo,
     TransferTopology,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import (
-    GET_META_MSG,
-    NixlAgentMetadata,
     NixlConnectorMetadata,
     NixlHandshakePayload,
     ReqMeta,
     compute_nixl_compatibility_hash,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import (
-    NixlPullConnectorWorker,
-)
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.tp_mapping import (
     ReadSpec,
-    compute_tp_mapping,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.nixl.utils import zmq_ctx
 from vllm.logger import init_logger
-from vllm.utils.network_utils import make_zmq_path
 from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec, MLAAttentionSpec
 
 from elastic_nixl.capabilities import (
@@ -64,19 +53,19 @@ from elastic_nixl.capabilities import (
     MappingStability,
     MemoryKind,
 )
+from elastic_nixl.compat import check_expandable_segments
 from elastic_nixl.config import ElasticNixlSettings, TransferPath
+from elastic_nixl.connector.handshake import PER_REQUEST_HANDLE, HandshakeWorker
 from elastic_nixl.connector.metadata import (
     ElasticAgentMetadata,
     ElasticConnectorMetadata,
     ElasticWorkerMetadata,
-    decode_agent_metadata,
 )
+from elastic_nixl.connector.peers import PeerView
 from elastic_nixl.connector.planning import (
     ExtentIndex,
     RegionGeometry,
-    Span,
     choose_transfer_path,
-    coverage_spans,
     plan_read,
 )
 from elastic_nixl.connector.regions import (
@@ -88,25 +77,16 @@ from elastic_nixl.connector.regions import (
     plan_regions,
 )
 from elastic_nixl.connector.registration import ExtentRegistrar, RegistrationStats
-from elastic_nixl.connector.staged import (
-    StagedRead,
-    StagedReader,
-    StagingOffer,
-    StagingServer,
-)
-from elastic_nixl.guards import check_expandable_segments
-from elastic_nixl.memory import resolve_kv_memory
+from elastic_nixl.connector.staged import AgentFactory, StagedLink, region_views
+from elastic_nixl.memory.resolve import resolve_kv_memory
+from elastic_nixl.runs import Runs
+from elastic_nixl.staging.reader import StagedRead
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
 logger = init_logger(__name__)
-
-# Stands in the handle tables vLLM indexes for peers whose descriptors we
-# build per request: nothing is prepped, so nothing is released.
-PER_REQUEST_HANDLE = -1
-_HANDSHAKE_TIMEOUT_MS = 5000
 
 
 @dataclass
@@ -122,91 +102,7 @@ class ElasticStats(RegistrationStats):
     staged_reads: int = 0
 
 
-@dataclass
-class PeerView:
-    """What we know of one remote rank's memory."""
-
-    agent_name: str
-    regions: list[RegionGeometry]
-    device_id: int
-    elastic: bool
-    epoch: int
-    extents: ExtentIndex
-    host: str = ""
-    port: int = 0
-    refreshed_for: set[str] = field(default_factory=set)
-    staging: StagingOffer | None = None
-
-    @classmethod
-    def from_metadata(
-        cls, meta: NixlAgentMetadata, agent_name: str, host: str, port: int
-    ) -> PeerView:
-        regions = [
-            RegionGeometry(base, block_len, stride)
-            for base, block_len, stride in zip(
-                meta.kv_caches_base_addr,
-                meta.block_lens,
-                meta.block_strides,
-                strict=True,
-            )
-        ]
-        ext = meta if isinstance(meta, ElasticAgentMetadata) else None
-        if ext is not None and ext.registered_extents is not None:
-            extents = [(int(b), int(n)) for b, n in ext.registered_extents]
-            elastic = True
-            epoch = ext.elastic_epoch or 0
-        else:
-            # A vanilla peer registered whole storages; the blocks it advertised
-            # are what it promises to be readable.
-            counts = meta.region_num_blocks or [meta.num_blocks] * len(regions)
-            extents = sorted(
-                {
-                    (g.base, n * g.block_stride)
-                    for g, n in zip(regions, counts, strict=True)
-                    if n
-                }
-            )
-            elastic = False
-            epoch = 0
-        return cls(
-            agent_name=agent_name,
-            regions=regions,
-            device_id=meta.device_id,
-            elastic=elastic,
-            epoch=epoch,
-            extents=ExtentIndex.build(_merge_overlaps(extents)),
-            host=host,
-            port=port,
-            staging=ext.staging if ext is not None else None,
-        )
-
-
-def _merge_overlaps(spans: list[Span]) -> list[Span]:
-    out: list[Span] = []
-    for base, n in sorted(spans):
-        if out and base < out[-1][0] + out[-1][1]:
-            end = max(out[-1][0] + out[-1][1], base + n)
-            out[-1] = (out[-1][0], end - out[-1][0])
-        else:
-            out.append((base, n))
-    return out
-
-
-def fetch_handshake(host: str, port: int, pp_rank: int, tp_rank: int) -> bytes:
-    """One GET_META round trip on vLLM's NIXL side channel."""
-    path = make_zmq_path("tcp", host, port)
-    with zmq_ctx(zmq.REQ, path) as sock:
-        sock.setsockopt(zmq.RCVTIMEO, _HANDSHAKE_TIMEOUT_MS)
-        sock.send(msgspec.msgpack.encode((GET_META_MSG, pp_rank, tp_rank)))
-        parts = sock.recv_multipart()
-    if len(parts) != 2:
-        raise ValueError(
-            f"NIXL side channel {host}:{port} answered {len(parts)} frames, expected 2"
-        )
-    return bytes(parts[0])
-
-
-class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
+class ElasticNixlConnectorWorker(HandshakeWorker):
     """NixlPullConnectorWorker for KV memory that grows and shrinks."""
 
     def __init__(
@@ -216,7 +112,7 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         kv_cache_config: KVCacheConfig,
         settings: ElasticNixlSettings,
         nixl_agent: Any | None = None,
-        staging_agent_factory: Callable[[str], Any] | None = None,
+        staging_agent_factory: AgentFactory | None = None,
     ) -> None:
         super().__init__(vllm_config, engine_id, kv_cache_config)
         if nixl_agent is not None:
@@ -224,7 +120,6 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             self.nixl_wrapper = nixl_agent
         self.settings = settings
         self.memory: KVMemory | None = None
-        self.elastic = False
         self.elastic_stats = ElasticStats()
         self._regions: list[Region] = []
         self._registrar = ExtentRegistrar(
@@ -233,27 +128,25 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         self._reg_lock = threading.RLock()
         self._unsubscribe: Callable[[], None] | None = None
         self._reported_epoch = -1
-        self._peer_lock = threading.Lock()
-        self._peers: dict[tuple[EngineId, int], PeerView] = {}
-        self._fetched: dict[
-            tuple[EngineId, int], tuple[ElasticAgentMetadata, str, int]
-        ] = {}
         self._required_epochs: dict[str, int] = {}
         self._send_leases: dict[str, Lease] = {}
         self._recv_leases: dict[str, Lease] = {}
         # Staged path: our own NIXL agents, each driven by its own thread.
-        self._staging_agent_factory = staging_agent_factory
-        self._staging_agents: list[Any] = []
-        self.staging_server: StagingServer | None = None
-        self.staged_reader: StagedReader | None = None
-        # req_id -> (producer's vLLM agent, completion notification)
-        self._staged_pending: dict[str, tuple[str, bytes]] = {}
+        self.staged = StagedLink(
+            engine_id,
+            self.tp_rank,
+            settings,
+            self.nixl_backends,
+            staging_agent_factory,
+        )
 
     # ------------------------------------------------------------------
     # Registration
     # ------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Static memory: vLLM's registration, unchanged. Elastic memory: each
+        mapped extent once, kept in sync through the memory's events."""
         views = self._layer_views(kv_caches)
         regions = plan_regions(views)
         memory = resolve_kv_memory(
@@ -403,7 +296,7 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         self.src_xfer_handles_by_block_size[self.block_size] = PER_REQUEST_HANDLE
         self.src_blocks_data = np.empty((0, 3), dtype=np.uint64)
         if self.transfer_path is TransferPath.STAGED and self._is_producer():
-            self.staging_server = self._start_staging_server(memory)
+            self.staged.serve(region_views(regions, kv_caches), memory)
         with self._reg_lock:
             self._registrar.sync(memory)
             self._unsubscribe = memory.subscribe(self._on_mapping_event)
@@ -429,7 +322,7 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         """Rebuild the handshake payload from what is registered now."""
         assert self.memory is not None and self.compat_hash is not None
         extents = self._registrar.spans
-        prefix = mapped_prefix_blocks(self._regions, coverage_spans(extents))
+        prefix = mapped_prefix_blocks(self._regions, Runs.from_spans(extents).spans())
         self.region_num_blocks = [prefix] * self.num_regions
         self.num_descs = prefix * self.num_regions
         self.dst_num_blocks[self.engine_id] = prefix
@@ -464,7 +357,7 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             elastic_epoch=self.memory.epoch,
             registered_extents=[(b, n) for b, n in extents],
             virtual_num_blocks=min(r.num_blocks for r in self._regions),
-            staging=self.staging_server.offer if self.staging_server else None,
+            staging=self.staged.offer,
         )
         self.xfer_handshake_metadata = NixlHandshakePayload(
             compatibility_hash=self.compat_hash,
@@ -492,79 +385,6 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         ktc = self.vllm_config.kv_transfer_config
         return ktc is not None and ktc.is_kv_producer
 
-    def _new_staging_agent(self, side: str) -> Any:
-        name = f"{self.engine_id}-staging-{side}-{self.tp_rank}-{uuid.uuid4().hex[:8]}"
-        if self._staging_agent_factory is not None:
-            agent = self._staging_agent_factory(name)
-        else:
-            from vllm.distributed.nixl_utils import NixlWrapper, nixl_agent_config
-
-            agent = NixlWrapper(name, nixl_agent_config(backends=self.nixl_backends))
-        self._staging_agents.append(agent)
-        return agent
-
-    def _region_views(self) -> list[torch.Tensor]:
-        """Each region as ``[num_blocks, block_len]`` bytes over the KV memory."""
-        if len(set(self.region_group_ids or [r.group_id for r in self._regions])) > 1:
-            raise NotImplementedError(
-                "ElasticNixlConnector: staged transfers need one KV cache group; "
-                "this model has several (hybrid attention). Use "
-                "kv_connector_extra_config {'transfer_path': 'direct'}."
-            )
-        views = []
-        for r in self._regions:
-            cache = self.device_kv_caches[r.name]
-            storage = cache.untyped_storage()
-            views.append(
-                torch.empty(0, dtype=torch.uint8, device=cache.device).set_(
-                    storage,
-                    r.geometry.base - storage.data_ptr(),
-                    (r.num_blocks, r.geometry.block_len),
-                    (r.geometry.block_stride, 1),
-                )
-            )
-        return views
-
-    def _slot_blocks(self) -> int:
-        return self.settings.staging_slot_blocks(
-            sum(r.geometry.block_len for r in self._regions)
-        )
-
-    def _start_staging_server(self, memory: KVMemory) -> StagingServer:
-        server = StagingServer(
-            self._new_staging_agent("server"),
-            self._region_views(),
-            memory.lease,
-            self._slot_blocks(),
-            self.settings.staging_slots,
-            memory.capabilities.memory_kind.nixl_mem_type,
-        )
-        logger.info(
-            "ElasticNixlConnector: staging server up, %d slot(s) of %d block(s) "
-            "(%d bytes registered)",
-            server.slots,
-            server.slot_blocks,
-            server.buffer.nbytes,
-        )
-        return server
-
-    def _reader(self) -> StagedReader:
-        if self.staged_reader is None:
-            assert self.memory is not None
-            self.staged_reader = StagedReader(
-                self._new_staging_agent("reader"),
-                self._region_views(),
-                self._slot_blocks(),
-                self.settings.staging_slots,
-                self.memory.capabilities.memory_kind.nixl_mem_type,
-            )
-            logger.info(
-                "ElasticNixlConnector: staged reader up, %d slot(s) of %d block(s)",
-                self.staged_reader.slots,
-                self.staged_reader.slot_blocks,
-            )
-        return self.staged_reader
-
     def _reads_staged(self, view: PeerView) -> bool:
         """Whether reads from this peer go through its slots: it offers them
         and this engine was not told to read directly."""
@@ -581,39 +401,40 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         local_ids: Sequence[Sequence[int]],
         remote_ids: Sequence[Sequence[int]],
     ) -> None:
-        """Hand the read to the staged reader; completion comes back through
+        """Hand the read to the staged link; completion comes back through
         get_transfer_results. Raises if the request cannot be staged."""
         assert view.staging is not None and self.memory is not None
         flat_local = [int(b) for b in local_ids[0]]
         flat_remote = [int(b) for b in remote_ids[0]]
-        read = StagedRead(request_id, view.staging, flat_remote, flat_local)
-        reader = self._reader()
         self._recv_leases[request_id] = self.memory.lease(sorted(set(flat_local)))
-        reader.submit(read)
-        self._staged_pending[request_id] = (view.agent_name, notif_id)
+        self.staged.read(
+            region_views(self._regions, self.device_kv_caches),
+            self.memory.capabilities.memory_kind.nixl_mem_type,
+            StagedRead(request_id, view.staging, flat_remote, flat_local),
+            view.agent_name,
+            notif_id,
+        )
         self.elastic_stats.staged_reads += 1
 
     def _collect_staged(self) -> None:
         """Feed finished staged reads into vLLM's own completion bookkeeping."""
-        if self.staged_reader is None:
-            return
-        for req_id, error in self.staged_reader.poll_results():
-            pending = self._staged_pending.pop(req_id, None)
-            if pending is None:
-                logger.warning("ElasticNixlConnector: stray staged result %s", req_id)
-                continue
-            agent_name, notif_id = pending
-            if error is not None:
+        for result in self.staged.poll():
+            req_id = result.req_id
+            if result.error is not None:
                 self.elastic_stats.refused_reads += 1
                 self._log_failure(
-                    failure_type="elastic_staged_read_failed", req_id=req_id, msg=error
+                    failure_type="elastic_staged_read_failed",
+                    req_id=req_id,
+                    msg=result.error,
                 )
                 self._release_recv_lease(req_id)
                 self._failed_recv_reqs.put(req_id)
                 continue
             try:
                 # The producer frees its blocks on this, as after a direct READ.
-                self.nixl_wrapper.send_notif(agent_name, notif_msg=notif_id)
+                self.nixl_wrapper.send_notif(
+                    result.producer_agent, notif_msg=result.notif_id
+                )
             except Exception as e:  # noqa: BLE001 - the KV is here; P times out
                 self._log_failure(
                     failure_type="notification_failed",
@@ -632,191 +453,19 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         if transfers is self._recving_transfers:
             # A staged read has no NIXL handle of vLLM's agent to wait on: hold
             # its (empty) entry until the staged reader reports it.
-            reading = done & self._staged_pending.keys()
+            reading = done & self.staged.pending
             for req_id in reading:
                 transfers[req_id] = []
             done -= reading
         return done, failed
 
     # ------------------------------------------------------------------
-    # Handshake and peers
-    # ------------------------------------------------------------------
-
-    def _nixl_handshake(
-        self,
-        host: str,
-        port: int,
-        remote_tp_size: int,
-        expected_engine_id: str,
-        remote_dcp_size: int = 1,
-        remote_pp_size: int = 1,
-        notif_agents_only: bool = False,
-    ) -> tuple[dict[tuple[int, int], str], float]:
-        # vLLM decodes only its own metadata fields; read ours from the same
-        # payload first, then let vLLM run its handshake (version and hash
-        # checks, clock offset) which calls add_remote_agent below.
-        assert self.transfer_topo is not None
-        for rank in self.transfer_topo.handshake_target_ranks(
-            remote_tp_size, remote_dcp_size
-        ):
-            _, meta = decode_agent_metadata(fetch_handshake(host, port, 0, rank))
-            with self._peer_lock:
-                self._fetched[(expected_engine_id, rank)] = (meta, host, port)
-        return super()._nixl_handshake(
-            host,
-            port,
-            remote_tp_size,
-            expected_engine_id,
-            remote_dcp_size,
-            remote_pp_size,
-            notif_agents_only,
-        )
-
-    def add_remote_agent(
-        self,
-        nixl_agent_meta: NixlAgentMetadata,
-        remote_tp_rank: int = 0,
-        remote_tp_size: int = 1,
-        remote_dcp_size: int = 1,
-    ) -> str:
-        engine_id = nixl_agent_meta.engine_id
-        with self._peer_lock:
-            fetched = self._fetched.pop((engine_id, remote_tp_rank), None)
-        ext_meta, host, port = fetched or (nixl_agent_meta, "", 0)
-        remote_elastic = (
-            isinstance(ext_meta, ElasticAgentMetadata)
-            and ext_meta.registered_extents is not None
-        )
-        try:
-            if not (self.elastic or remote_elastic):
-                name = super().add_remote_agent(
-                    nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size
-                )
-            else:
-                name = self._add_per_request_agent(
-                    nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size
-                )
-        except RuntimeError as e:
-            if "kv_cache_layout" not in str(e):
-                raise
-            # vLLM names the layouts but not the engines; a user with several
-            # engines needs both to find the one to change.
-            raise RuntimeError(
-                f"KV layout mismatch: local engine {self.engine_id} uses "
-                f"{self.kv_cache_layout}, remote engine {engine_id} uses "
-                f"{nixl_agent_meta.kv_cache_layout}. Run both with the same "
-                "layout (the same kv_connector_extra_config 'allocator' gives the "
-                'same layout), or set "enable_permute_local_kv": true in the '
-                "consumer's --kv-transfer-config to receive LBHNC into a local "
-                "LBNHC cache."
-            ) from e
-        view = PeerView.from_metadata(ext_meta, name, host, port)
-        with self._peer_lock:
-            self._peers[(engine_id, remote_tp_rank)] = view
-        return name
-
-    def _add_per_request_agent(
-        self,
-        meta: NixlAgentMetadata,
-        remote_tp_rank: int,
-        remote_tp_size: int,
-        remote_dcp_size: int,
-    ) -> str:
-        """vLLM's add_remote_agent minus the per-block prepped descriptor lists,
-        for peers whose reads we describe per request."""
-        engine_id = meta.engine_id
-        existing = self._remote_agents.get(engine_id, {}).get((0, remote_tp_rank))
-        if existing is not None:
-            return existing
-        assert self.transfer_topo is not None
-        if (
-            meta.block_size != self.block_size
-            or remote_tp_size != self.transfer_topo.tp_size
-            or meta.physical_blocks_per_logical_kv_block != 1
-        ):
-            raise NotImplementedError(
-                f"ElasticNixlConnector with elastic memory needs equal block size and "
-                f"TP on both engines: local engine {self.engine_id} block_size="
-                f"{self.block_size} tp={self.transfer_topo.tp_size}, remote engine "
-                f"{engine_id} block_size={meta.block_size} tp={remote_tp_size}"
-            )
-        self.transfer_topo.register_remote_engine(
-            engine_id,
-            EngineTransferInfo(
-                remote_tp_size=remote_tp_size,
-                remote_block_size=meta.block_size,
-                remote_block_len=meta.block_lens[0],
-                remote_physical_blocks_per_logical=1,
-                remote_dcp_size=remote_dcp_size,
-            ),
-        )
-        self.tp_mappings[engine_id] = compute_tp_mapping(
-            transfer_topology=self.transfer_topo,
-            remote_tp_size=remote_tp_size,
-            group_spec_types=self._group_spec_types,
-            remote_dcp_size=remote_dcp_size,
-        )
-        name = self.nixl_wrapper.add_remote_agent(meta.agent_metadata)
-        num_regions = len(meta.kv_caches_base_addr)
-        if engine_id not in self.dst_num_blocks:
-            self.dst_num_blocks[engine_id] = meta.num_blocks
-            self.dst_region_num_blocks[engine_id] = (
-                meta.region_num_blocks or [meta.num_blocks] * num_regions
-            )
-            self.dst_region_group_ids[engine_id] = (
-                meta.region_group_ids or [0] * num_regions
-            )
-            self.dst_uses_region_group_mapping[engine_id] = (
-                len(set(self.dst_region_group_ids[engine_id])) > 1
-            )
-            self.dst_region_mem_types[engine_id] = (
-                meta.region_mem_types or [self.nixl_memory_type] * num_regions
-            )
-        self.kv_caches_base_addr[engine_id][remote_tp_rank] = meta.kv_caches_base_addr
-        self._validate_remote_agent_handshake(meta, remote_tp_size, remote_dcp_size)
-        self.dst_xfer_side_handles[engine_id][remote_tp_rank] = PER_REQUEST_HANDLE
-        return name
-
-    def _refresh_peer(self, engine_id: EngineId, rank: int) -> None:
-        """Re-read a peer's metadata and hand NIXL its new registrations."""
-        with self._peer_lock:
-            view = self._peers[(engine_id, rank)]
-        _, meta = decode_agent_metadata(fetch_handshake(view.host, view.port, 0, rank))
-        if meta.engine_id != engine_id:
-            raise RuntimeError(
-                f"peer at {view.host}:{view.port} is now engine {meta.engine_id}, "
-                f"expected {engine_id}"
-            )
-        self.nixl_wrapper.add_remote_agent(meta.agent_metadata)
-        fresh = PeerView.from_metadata(meta, view.agent_name, view.host, view.port)
-        fresh.refreshed_for = view.refreshed_for
-        with self._peer_lock:
-            self._peers[(engine_id, rank)] = fresh
-        self.elastic_stats.refreshes += 1
-        logger.info(
-            "ElasticNixlConnector: refreshed engine %s rank %d: epoch %d -> %d",
-            engine_id,
-            rank,
-            view.epoch,
-            fresh.epoch,
-        )
-
-    def _cleanup_remote_engine(
-        self, engine_id: EngineId, *args: Any, **kwargs: Any
-    ) -> None:
-        handles = self.dst_xfer_side_handles.get(engine_id, {})
-        for rank in [r for r, h in handles.items() if h == PER_REQUEST_HANDLE]:
-            del handles[rank]
-        with self._peer_lock:
-            for key in [k for k in self._peers if k[0] == engine_id]:
-                del self._peers[key]
-        super()._cleanup_remote_engine(engine_id, *args, **kwargs)
-
-    # ------------------------------------------------------------------
     # Reads
     # ------------------------------------------------------------------
 
     def start_load_kv(self, metadata: NixlConnectorMetadata) -> None:
+        """Pin the blocks peers will read and note the epochs reads need,
+        then start vLLM's reads."""
         if isinstance(metadata, ElasticConnectorMetadata):
             self._required_epochs.update(metadata.required_epochs)
             for req_id, block_ids in metadata.blocks_to_lease.items():
@@ -833,17 +482,12 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             # its side; this engine keeps serving.
             logger.error("ElasticNixlConnector: cannot pin blocks of %s: %s", req_id, e)
 
-    def _peer_for(self, engine_id: EngineId) -> PeerView | None:
-        with self._peer_lock:
-            for (eid, _), view in self._peers.items():
-                if eid == engine_id:
-                    return view
-        return None
-
     def _read_blocks_for_req(self, req_id: str, meta: ReqMeta) -> None:
         assert meta.remote is not None
         engine_id = meta.remote.engine_id
-        view = self._peer_for(engine_id) if engine_id in self._remote_agents else None
+        view = (
+            self.peers.any_rank(engine_id) if engine_id in self._remote_agents else None
+        )
         if (
             view is not None
             and view.elastic
@@ -881,11 +525,12 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
     ) -> None:
         """Refresh on the handshake thread (NIXL is driven by one background
         thread), then queue the read for the next start_load_kv."""
-        ranks = [rank for (eid, rank) in list(self._peers) if eid == engine_id]
+        ranks = self.peers.ranks(engine_id)
 
         def refresh() -> None:
             for rank in ranks:
                 self._refresh_peer(engine_id, rank)
+                self.elastic_stats.refreshes += 1
 
         def done(fut: Any) -> None:
             try:
@@ -933,8 +578,7 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
                 awaiting_kvs,
             )
         remote_rank = read_spec.remote_rank
-        with self._peer_lock:
-            view = self._peers[(dst_engine_id, remote_rank)]
+        view = self.peers.get((dst_engine_id, remote_rank))
         local_ids, remote_ids = self._apply_prefix_caching(
             decode_block_ids=read_spec.local_block_ids,
             prefill_block_ids=read_spec.remote_block_ids,
@@ -969,7 +613,7 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
                 "READ",
                 self.nixl_wrapper.get_xfer_descs(plan.local, mem_type),
                 self.nixl_wrapper.get_xfer_descs(
-                    plan.remote, view_mem_type(self, dst_engine_id)
+                    plan.remote, self._remote_mem_type(dst_engine_id)
                 ),
                 view.agent_name,
                 notif_id,
@@ -999,6 +643,14 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
         st.blocks_read += plan.num_blocks
         st.bytes_read += plan.nbytes
         return True
+
+    def _remote_mem_type(self, engine_id: EngineId) -> str:
+        types = set(self.dst_region_mem_types.get(engine_id) or [self.nixl_memory_type])
+        if len(types) != 1:
+            raise NotImplementedError(
+                f"engine {engine_id} advertises mixed memory types {sorted(types)}"
+            )
+        return types.pop()
 
     def _local_geometry(self) -> list[RegionGeometry]:
         bases = self.kv_caches_base_addr[self.engine_id][self.tp_rank]
@@ -1031,6 +683,8 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
     # ------------------------------------------------------------------
 
     def get_transfer_results(self) -> KVConnectorTransferResults:
+        """vLLM's results (staged reads fed in first); leases of finished
+        requests are released."""
         self._collect_staged()
         results = super().get_transfer_results()
         for req_id in results.finished_sending:
@@ -1048,18 +702,12 @@ class ElasticNixlConnectorWorker(NixlPullConnectorWorker):
             lease.release()
 
     def shutdown(self) -> None:
+        """Stop following the memory, close the staged path, release leases,
+        then vLLM's shutdown and our deregistrations."""
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
-        for side in (self.staged_reader, self.staging_server):
-            if side is not None:
-                side.close()
-        self.staged_reader = self.staging_server = None
-        for agent in self._staging_agents:
-            close = getattr(agent, "close", None)
-            if close is not None:
-                close()
-        self._staging_agents.clear()
+        self.staged.close()
         for leases in (self._send_leases, self._recv_leases):
             for lease in leases.values():
                 lease.release()
@@ -1085,15 +733,6 @@ def _is_dense(view: torch.Tensor) -> bool:
     strides = view.stride()
     order = sorted(range(view.ndim), key=lambda i: -strides[i])
     return view.permute(order).is_contiguous()
-
-
-def view_mem_type(worker: ElasticNixlConnectorWorker, engine_id: EngineId) -> str:
-    types = set(worker.dst_region_mem_types.get(engine_id) or [worker.nixl_memory_type])
-    if len(types) != 1:
-        raise NotImplementedError(
-            f"engine {engine_id} advertises mixed memory types {sorted(types)}"
-        )
-    return types.pop()
 
 
 __all__ = ["PER_REQUEST_HANDLE", "ElasticNixlConnectorWorker", "ElasticStats"]

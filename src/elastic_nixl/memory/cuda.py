@@ -12,12 +12,11 @@ described from what the CUDA driver says about their addresses:
   answer (``mapped=False``), not an error.
 * :func:`discover_cuda_extents`: the mapped allocations inside a range.
 * :class:`DiscoveredCudaMemory`: the ``KVMemory`` the connector registers,
-  the CUDA counterpart of :class:`elastic_nixl.memory.DiscoveredHostMemory`.
-* :func:`is_tcp_emulation_risk` / :func:`transfer_path_for`: GPU memory that is
+  the CUDA counterpart of :class:`elastic_nixl.memory.host.DiscoveredHostMemory`.
+* :func:`export_kinds_of`: how the memory can be exported. GPU memory that is
   not legacy-CUDA-IPC capable (any VMM memory) cannot be exported by UCX's
-  ``cuda_ipc`` transport, and NIXL/UCX then silently fall back to software
-  emulation over TCP (~0.4 GB/s against ~200 GB/s direct, measured on H200).
-  The ``auto`` transfer path stages such memory instead.
+  ``cuda_ipc`` transport; the connector's transfer-path policy
+  (``connector.planning.choose_transfer_path``) decides what to do about it.
 
 The driver (NVIDIA's ``cuda-bindings``) is loaded only when a function needs
 it, so this module imports on machines without a GPU; there every driver-using
@@ -27,10 +26,10 @@ function raises ``KVMemoryError("no CUDA device: ...")``.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import Any
 
 from elastic_nixl.allocator.cuda import (
     CudaDriverError,
@@ -47,8 +46,7 @@ from elastic_nixl.capabilities import (
     MemoryExtent,
     MemoryKind,
 )
-from elastic_nixl.config import TransferPath
-from elastic_nixl.memory import DiscoveredMemory
+from elastic_nixl.memory.discovered import BlockSpans, DiscoveredMemory
 
 # CUmemAllocationHandleType bits in CU_POINTER_ATTRIBUTE_ALLOWED_HANDLE_TYPES
 # (cuda.h; constant across CUDA 11-13). Kept here so export_kinds_of() needs no
@@ -82,10 +80,6 @@ _ATTRIBUTES: tuple[str, ...] = (
     "CU_POINTER_ATTRIBUTE_RANGE_SIZE",
     "CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE",
 )
-
-# Measured on H200 (NIXL/UCX, one node): what the reason strings quote.
-TCP_EMULATION_GBPS = 0.4
-DIRECT_GBPS = 200.0
 
 
 # --------------------------------------------------------------------------
@@ -473,7 +467,7 @@ class DiscoveredCudaMemory(DiscoveredMemory):
     def __init__(
         self,
         span: MemoryExtent,
-        block_spans: Callable[[int], list[tuple[int, int]]],
+        block_spans: BlockSpans,
         num_virtual_blocks: int,
         *,
         granularity: int | None = None,
@@ -543,104 +537,12 @@ class DiscoveredCudaMemory(DiscoveredMemory):
         )
 
 
-# --------------------------------------------------------------------------
-# Transfer path
-# --------------------------------------------------------------------------
-
-
-def is_tcp_emulation_risk(info: CudaPointerInfo) -> bool:
-    """Whether NIXL/UCX would silently move this memory over TCP emulation.
-
-    True for mapped GPU memory that is not legacy-CUDA-IPC capable (VMM,
-    mempool, managed memory): UCX's ``cuda_ipc`` transport exports memory with
-    ``cuIpcGetMemHandle`` only, and for memory it cannot export UCX falls back
-    to software emulation over TCP, ~0.4 GB/s against ~200 GB/s direct
-    (measured on H200). Host memory and unmapped addresses are no risk.
-    """
-    return (
-        info.mapped
-        and info.memory_kind is MemoryKind.CUDA
-        and not info.legacy_ipc_capable
-    )
-
-
-class TransferPathChoice(NamedTuple):
-    """``path`` is ``"direct"`` or ``"staged"``; ``reason`` says why."""
-
-    path: str
-    reason: str
-
-
-def _risk_summary(risky: Sequence[CudaPointerInfo]) -> str:
-    first = risky[0]
-    more = f" and {len(risky) - 1} more" if len(risky) > 1 else ""
-    return (
-        f"GPU memory at 0x{first.address:x} (device {first.device}, "
-        f"{first.origin}){more} is not legacy-CUDA-IPC capable"
-    )
-
-
-def transfer_path_for(
-    infos: Iterable[CudaPointerInfo], setting: TransferPath | str = TransferPath.AUTO
-) -> TransferPathChoice:
-    """Direct or staged transfers for KV memory described by ``infos``.
-
-    ``setting`` is ``kv_connector_extra_config['transfer_path']``: an explicit
-    ``direct`` or ``staged`` is honoured (the reason warns when direct will hit
-    TCP emulation); ``auto`` stages iff any GPU memory is not legacy-CUDA-IPC
-    capable (:func:`is_tcp_emulation_risk`). Host memory goes direct.
-    """
-    try:
-        choice = TransferPath(setting)
-    except ValueError:
-        raise ValueError(
-            f"transfer_path {setting!r} is not one of {[p.value for p in TransferPath]}"
-        ) from None
-    infos = list(infos)
-    risky = [i for i in infos if is_tcp_emulation_risk(i)]
-    emulation = (
-        "UCX's cuda_ipc transport cannot export it, so NIXL/UCX would silently "
-        f"fall back to software emulation over TCP (~{TCP_EMULATION_GBPS:g} GB/s "
-        f"instead of ~{DIRECT_GBPS:g} GB/s, measured on H200)"
-    )
-    if choice is TransferPath.STAGED:
-        return TransferPathChoice("staged", "transfer_path='staged' is set explicitly")
-    if choice is TransferPath.DIRECT:
-        reason = "transfer_path='direct' is set explicitly"
-        if risky:
-            reason += f"; warning: {_risk_summary(risky)}: {emulation}"
-        return TransferPathChoice("direct", reason)
-    if risky:
-        return TransferPathChoice(
-            "staged",
-            f"transfer_path='auto': {_risk_summary(risky)}; {emulation}. Staging "
-            "through legacy-IPC-capable buffers instead",
-        )
-    mapped = [i for i in infos if i.mapped]
-    if not mapped:
-        return TransferPathChoice(
-            "direct", "transfer_path='auto': no mapped memory described"
-        )
-    if all(i.memory_kind is MemoryKind.HOST for i in mapped):
-        return TransferPathChoice(
-            "direct", "transfer_path='auto': host memory, any transport reads it"
-        )
-    return TransferPathChoice(
-        "direct",
-        "transfer_path='auto': all GPU memory is legacy-CUDA-IPC capable "
-        "(cudaMalloc), so UCX's cuda_ipc transport can export it",
-    )
-
-
 __all__ = [
     "CudaDriverError",
     "CudaPointerInfo",
     "DiscoveredCudaMemory",
-    "TransferPathChoice",
     "cuda_allocation_granularity",
     "describe_cuda_pointer",
     "discover_cuda_extents",
     "export_kinds_of",
-    "is_tcp_emulation_risk",
-    "transfer_path_for",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from elastic_nixl.versions import SUPPORTED_VLLM, vllm_supported, vllm_version
+from elastic_nixl.compat import SUPPORTED_VLLM, installed_vllm
 
 
 @dataclass
@@ -50,8 +50,9 @@ def versions_section(rep: Report) -> None:
     rep.section("Versions")
     rep.info("python", platform.python_version())
     rep.info("elastic-nixl", _pkg("elastic-nixl"))
-    v = vllm_version()
-    rep.info("vllm", v or "not installed")
+    vllm = installed_vllm()
+    rep.info("vllm", vllm.version if vllm else "not installed")
+    rep.info("vllm build", vllm.distribution if vllm else "none")
     rep.info("nixl", _pkg("nixl"))
     rep.info("cuda-bindings", _pkg("cuda-bindings"))
     try:
@@ -67,9 +68,9 @@ def versions_section(rep: Report) -> None:
         rep.check(False, "torch", "not importable")
     lo, hi = SUPPORTED_VLLM
     rep.check(
-        vllm_supported(v),
+        vllm is not None and vllm.supported,
         "vLLM supported",
-        f"{v or 'none'} (supported: >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]})",
+        f"{vllm or 'none'} (supported: >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]})",
     )
 
 
@@ -93,7 +94,7 @@ def self_check(rep: Report, agent_a: Any) -> None:
     """Register a host-VMM reservation's mapped extents and read through UCX."""
     from nixl._api import nixl_agent, nixl_agent_config
 
-    from elastic_nixl.allocator.core import BlockGeometry, VmmKVAllocator
+    from elastic_nixl.allocator import BlockGeometry, VmmKVAllocator
     from elastic_nixl.allocator.host import HostBackend
     from elastic_nixl.connector.planning import (
         DescriptorPlanError,
@@ -216,12 +217,12 @@ def gpu_section(rep: Report) -> None:
     if not torch.cuda.is_available():
         rep.info("GPU", "none: nothing to check")
         return
-    from elastic_nixl.allocator.core import BlockGeometry, VmmKVAllocator
+    from elastic_nixl.allocator import BlockGeometry, VmmKVAllocator
     from elastic_nixl.allocator.cuda import CudaBackend
     from elastic_nixl.capabilities import MemoryKind
     from elastic_nixl.config import TransferPath
     from elastic_nixl.connector.planning import choose_transfer_path
-    from elastic_nixl.cuda_discovery import describe_cuda_pointer, export_kinds_of
+    from elastic_nixl.memory.cuda import describe_cuda_pointer, export_kinds_of
 
     plain = torch.empty(1 << 21, dtype=torch.uint8, device="cuda")
     backend = CudaBackend(torch.cuda.current_device())

@@ -11,19 +11,18 @@ Cases, all in one run, KV shaped like Llama-3-8B by default (32 layers,
 * ``ceiling``: raw NIXL READ, 2 MiB descriptors, cudaMalloc -> cudaMalloc;
 * ``a_vanilla_static``: vanilla NixlConnector's scheme, one prepped
   descriptor per (layer, block), ``make_prepped_xfer`` by index;
-* ``b_project_static``: per-request descriptors from ``plan_read``;
-* ``c_project_vmm``: VMM memory on both sides through the staged path
-  (gather -> READ of whole slots -> scatter, pipelined over two slots);
-* ``c_connector_vmm_staged``: the same through the connector's own staging
-  engine (``connector/staged.py``: StagingServer / StagedReader, each on its
-  own NIXL agent and thread, control over NIXL notifications);
+* ``b_project_static_direct``: per-request descriptors from ``plan_read``;
+* ``c_connector_vmm_staged``: VMM memory on both sides through the staged
+  path the connector runs (``elastic_nixl.staging``: StagingServer /
+  StagedReader, each on its own NIXL agent and thread, control over NIXL
+  notifications; gather -> READ of whole slots -> scatter);
 * ``d_project_vmm_direct``: VMM memory read directly (what UCX does with it
   when nothing stages: software emulation over TCP), on a small batch.
 
 Also: cost of growing registered memory (map + NIXL register per chunk) and
 of staging (gather / scatter GB/s). Every case verifies the bytes it moved.
 
-Usage: ``python -m elastic_nixl.gpu_bench --device cuda --json out.json``;
+Usage: ``elastic-nixl bench transfer --device cuda --json out.json``;
 ``--device cpu`` runs the same code on host memory (small sizes) for CI.
 """
 
@@ -43,7 +42,7 @@ import msgspec
 import numpy as np
 import torch
 
-from elastic_nixl.allocator.core import BlockGeometry, VmmKVAllocator
+from elastic_nixl.allocator import BlockGeometry, VmmKVAllocator
 from elastic_nixl.connector.planning import (
     DescriptorPlanError,
     ExtentIndex,
@@ -51,13 +50,13 @@ from elastic_nixl.connector.planning import (
     plan_read,
 )
 from elastic_nixl.connector.registration import ExtentRegistrar
-from elastic_nixl.connector.staged import (
+from elastic_nixl.staging import (
     StagedRead,
     StagedReader,
+    StagingBuffer,
     StagingOffer,
     StagingServer,
 )
-from elastic_nixl.staging import StagingBuffer, chunk_ids
 
 TIMEOUT_S = 120.0
 
@@ -98,7 +97,7 @@ def _fingerprint(t: torch.Tensor) -> tuple[int, int]:
     return int(v.sum().item()), int(v[::97].sum().item())
 
 
-class Side:
+class BenchRank:
     """One process: memories registered with its own NIXL agent."""
 
     def __init__(self, rank: int, args: argparse.Namespace) -> None:
@@ -208,7 +207,6 @@ class Side:
             "vmm_regions": [
                 (r.base, r.block_len, r.block_stride) for r in self.regions("vmm")
             ],
-            "staging": self.staging.geometry.base,
             "ceiling": self.ceiling.data_ptr(),
         }
 
@@ -257,7 +255,7 @@ class Side:
 # ---------------------------------------------------------------------------
 
 
-def producer_loop(side: Side, conn: Any, peer: str) -> None:
+def producer_loop(side: BenchRank, conn: Any, peer: str) -> None:
     while True:
         msg = conn.recv()
         kind = msg[0]
@@ -267,9 +265,6 @@ def producer_loop(side: Side, conn: Any, peer: str) -> None:
             conn.send(side.fingerprint(msg[1], msg[2]))
         elif kind == "ceiling_fp":
             conn.send(_fingerprint(side.ceiling[: msg[1]]))
-        elif kind == "stage":
-            serve_staged(side, msg[1], msg[2], peer)
-            conn.send("staged-done")
         elif kind == "grow":
             conn.send(measure_growth(side, msg[1]))
         elif kind == "meta":
@@ -319,44 +314,7 @@ def producer_loop(side: Side, conn: Any, peer: str) -> None:
             conn.send(msgspec.msgpack.encode(side.staging_server().offer))
 
 
-def _notifs(side: Side) -> list[bytes]:
-    out: list[bytes] = []
-    for msgs in side.agent.get_new_notifs().values():
-        out.extend(msgs)
-    return out
-
-
-def serve_staged(side: Side, which: str, ids: list[int], peer: str) -> None:
-    """Gather chunk k into slot k % slots once the consumer freed it; announce it."""
-    chunks = chunk_ids(ids, side.args.slot_blocks)
-    layers = side.static if which == "static" else side.vmm
-    nslots = side.staging.geometry.slots
-    freed: set[int] = set()
-    pending: dict[int, Any] = {}
-    k_next = 0
-    deadline = time.monotonic() + TIMEOUT_S
-    while len(freed) < len(chunks):
-        for m in _notifs(side):
-            if m.startswith(b"F"):
-                freed.add(int(m[1:]))
-        while k_next < len(chunks) and (k_next < nslots or (k_next - nslots) in freed):
-            idx = torch.tensor(chunks[k_next], device=side.dev)
-            side.staging.gather(layers, idx, k_next % nslots)
-            ev = torch.cuda.Event() if side.dev.type == "cuda" else None
-            if ev is not None:
-                ev.record()
-            pending[k_next] = ev
-            k_next += 1
-        for k in sorted(pending):
-            ev = pending[k]
-            if ev is None or ev.query():
-                side.agent.send_notif(peer, f"S{k}:{len(chunks[k])}".encode())
-                del pending[k]
-        if time.monotonic() > deadline:
-            raise TimeoutError("staged transfer stalled on the producer")
-
-
-def measure_growth(side: Side, blocks: int) -> dict[str, float]:
+def measure_growth(side: BenchRank, blocks: int) -> dict[str, float]:
     """Map more memory and register it, as the connector does on a MAPPED event."""
     nb = side.args.num_blocks
     side.register_s = 0.0
@@ -372,7 +330,7 @@ def measure_growth(side: Side, blocks: int) -> dict[str, float]:
     }
 
 
-def measure_staging(side: Side, ids: list[int]) -> dict[str, float]:
+def measure_staging(side: BenchRank, ids: list[int]) -> dict[str, float]:
     layers = side.vmm
     chunk = ids[: side.args.slot_blocks]
     idx = torch.tensor(chunk, device=side.dev)
@@ -398,7 +356,7 @@ def measure_staging(side: Side, ids: list[int]) -> dict[str, float]:
 
 
 def run_ceiling(
-    side: Side, peer: str, remote: dict[str, Any], nbytes: int
+    side: BenchRank, peer: str, remote: dict[str, Any], nbytes: int
 ) -> tuple[CaseResult, CaseResult]:
     d = 2 << 20
     n = nbytes // d
@@ -451,7 +409,7 @@ def run_ceiling(
 
 
 def run_vanilla(
-    side: Side,
+    side: BenchRank,
     peer: str,
     remote: dict[str, Any],
     batches: list[tuple[list[int], list[int]]],
@@ -506,7 +464,7 @@ def run_vanilla(
 
 
 def run_planned(
-    side: Side,
+    side: BenchRank,
     peer: str,
     remote: dict[str, Any],
     which: str,
@@ -531,7 +489,7 @@ def run_planned(
 
 
 def _read_planned(
-    side: Side,
+    side: BenchRank,
     peer: str,
     lreg: list[RegionGeometry],
     rreg: list[RegionGeometry],
@@ -565,105 +523,8 @@ def _read_planned(
     return state, plan
 
 
-def run_staged(
-    side: Side,
-    peer: str,
-    remote: dict[str, Any],
-    conn: Any,
-    which: str,
-    batches: list[tuple[list[int], list[int]]],
-    name: str,
-) -> CaseResult:
-    """Through slots: the producer gathers, we READ whole slots, then scatter.
-
-    Slot descriptors are prepped once (the staging buffers never move), so a
-    chunk costs one ``make_prepped_xfer``.
-    """
-    rdev = side.peer_dev_id
-    L, page = side.shape.layers, side.shape.page
-    sg = side.staging.geometry
-    from elastic_nixl.staging import SlotGeometry
-
-    rg = SlotGeometry(remote["staging"], L, sg.slot_blocks, page, sg.slots)
-    layers = side.static if which == "static" else side.vmm
-    nslots = sg.slots
-    full_l = sg.every_slot(side.dev_id)
-    full_r = rg.every_slot(rdev)
-    prep_l = side.agent.prep_xfer_dlist(
-        "NIXL_INIT_AGENT", side.agent.get_xfer_descs(full_l, side.mem)
-    )
-    prep_r = side.agent.prep_xfer_dlist(
-        peer, side.agent.get_xfer_descs(full_r, side.mem)
-    )
-    res = CaseResult(name, 0, 0)
-    for lids, rids in batches:
-        chunks_l = chunk_ids(lids, sg.slot_blocks)
-        t0 = time.perf_counter()
-        # Ask the producer to stage; its "done" is read after our loop.
-        conn.send(("to_producer", ("stage", which, rids)))
-        reads: dict[int, Any] = {}
-        scatters: dict[int, Any] = {}
-        done = 0
-        descs = 0
-        deadline = time.monotonic() + TIMEOUT_S
-        while done < len(chunks_l):
-            for m in _notifs(side):
-                if m.startswith(b"S"):
-                    k_s, n_s = m[1:].split(b":")
-                    k, n = int(k_s), int(n_s)
-                    slot = k % nslots
-                    if n == sg.slot_blocks:
-                        idx = list(range(slot * L, (slot + 1) * L))
-                        h = side.agent.make_prepped_xfer(
-                            "READ", prep_l, idx, prep_r, idx, b""
-                        )
-                    else:
-                        h = side.agent.initialize_xfer(
-                            "READ",
-                            side.agent.get_xfer_descs(
-                                sg.descriptors(slot, n, side.dev_id), side.mem
-                            ),
-                            side.agent.get_xfer_descs(
-                                rg.descriptors(slot, n, rdev), side.mem
-                            ),
-                            peer,
-                            b"",
-                        )
-                    side.agent.transfer(h)
-                    reads[k] = h
-                    descs += L
-            for k in sorted(reads):
-                state = side.agent.check_xfer_state(reads[k])
-                if state == "PROC":
-                    continue
-                assert state == "DONE", state
-                side.agent.release_xfer_handle(reads.pop(k))
-                side.staging.scatter(
-                    layers, torch.tensor(chunks_l[k], device=side.dev), k % nslots
-                )
-                ev = torch.cuda.Event() if side.dev.type == "cuda" else None
-                if ev is not None:
-                    ev.record()
-                scatters[k] = ev
-            for k in sorted(scatters):
-                ev = scatters[k]
-                if ev is None or ev.query():
-                    side.agent.send_notif(peer, f"F{k}".encode())
-                    del scatters[k]
-                    done += 1
-            if time.monotonic() > deadline:
-                raise TimeoutError("staged transfer stalled on the consumer")
-        side._sync()
-        res.seconds.append(time.perf_counter() - t0)
-        assert conn.recv() == "staged-done"
-        res.batch_bytes, res.descriptors = len(lids) * L * page, descs
-    side.agent.release_dlist_handle(prep_l)
-    side.agent.release_dlist_handle(prep_r)
-    return res
-
-
 def run_connector_staged(
-    side: Side,
+    side: BenchRank,
     ask: Any,
     batches: list[tuple[list[int], list[int]]],
     name: str,
@@ -696,7 +557,7 @@ def run_connector_staged(
 
 
 def read_direct(
-    side: Side, peer: str, remote: dict[str, Any], lids: list[int], rids: list[int]
+    side: BenchRank, peer: str, remote: dict[str, Any], lids: list[int], rids: list[int]
 ) -> str:
     """One direct READ of VMM blocks, planned against what we know the peer
     registered; raises DescriptorPlanError before posting if it is not."""
@@ -714,7 +575,7 @@ def read_direct(
 
 
 def run_scenarios(
-    side: Side, peer: str, remote: dict[str, Any], ask: Any
+    side: BenchRank, peer: str, remote: dict[str, Any], ask: Any
 ) -> dict[str, Any]:
     """The CPU transfer scenarios on GPU memory: ids beyond the physical budget
     after growth (stale metadata refreshed), shrink deferred by a lease, and a
@@ -766,7 +627,7 @@ def run_scenarios(
 
 
 def consumer_main(
-    side: Side, conn: Any, peer: str, remote: dict[str, Any]
+    side: BenchRank, conn: Any, peer: str, remote: dict[str, Any]
 ) -> dict[str, Any]:
     args = side.args
     rng = np.random.default_rng(args.seed)
@@ -803,14 +664,8 @@ def consumer_main(
     res = run_vanilla(side, peer, remote, b)
     results.append(verify(res, "static", *b[-1]))
     side.static.zero_()
-    res = run_staged(side, peer, remote, conn, "static", b, "b_project_static_staged")
-    results.append(verify(res, "static", *b[-1]))
-    side.static.zero_()
     res = run_planned(side, peer, remote, "static", b, "b_project_static_direct")
     results.append(verify(res, "static", *b[-1]))
-    bv = batches(args.repeats, per_batch)
-    res = run_staged(side, peer, remote, conn, "vmm", bv, "c_project_vmm_staged")
-    results.append(verify(res, "vmm", *bv[-1]))
     bc = batches(args.repeats, per_batch)
     res = run_connector_staged(side, ask, bc, "c_connector_vmm_staged")
     results.append(verify(res, "vmm", *bc[-1]))
@@ -819,7 +674,7 @@ def consumer_main(
     res.note = "no staging: what UCX does with VMM memory on its own"
     results.append(verify(res, "vmm", *small[-1]))
     growth = ask(("grow", args.grow_blocks))
-    stage_cost = ask(("stage_cost", bv[-1][1]))
+    stage_cost = ask(("stage_cost", bc[-1][1]))
     scenarios = run_scenarios(side, peer, remote, ask)
     return {
         "results": [asdict(r) | {"gbps": r.gbps} for r in results],
@@ -831,7 +686,7 @@ def consumer_main(
 
 def child(rank: int, conn: Any, args: argparse.Namespace) -> None:
     try:
-        side = Side(rank, args)
+        side = BenchRank(rank, args)
         conn.send(side.info())
         peer_info = conn.recv()
         peer = side.agent.add_remote_agent(peer_info["meta"])
@@ -925,7 +780,7 @@ def table(out: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m elastic_nixl.gpu_bench")
+    p = argparse.ArgumentParser(prog="elastic-nixl bench transfer")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--num-blocks", type=int, default=4096)

@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from elastic_nixl.twoproc import (
+from elastic_nixl.tools.harness.twoproc import (
     ChildDied,
     ChildError,
     Coordinator,

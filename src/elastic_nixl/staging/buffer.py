@@ -1,4 +1,4 @@
-"""Staging through exportable bounce buffers.
+"""Bounce slots in exportable memory, and the gather / scatter into them.
 
 VMM memory (``cuMemCreate``) is not legacy-CUDA-IPC capable, so UCX's
 ``cuda_ipc`` lane cannot map it into a peer and NIXL silently falls back to
@@ -110,12 +110,12 @@ class StagingBuffer:
         if isinstance(layer_blocks, torch.Tensor):
             out = dst[:, :n]
             if out.is_contiguous():
-                torch.index_select(_bytes(layer_blocks), 1, block_ids, out=out)
+                torch.index_select(as_bytes(layer_blocks), 1, block_ids, out=out)
             else:
-                out.copy_(torch.index_select(_bytes(layer_blocks), 1, block_ids))
+                out.copy_(torch.index_select(as_bytes(layer_blocks), 1, block_ids))
             return
         for layer, blocks in enumerate(layer_blocks):
-            torch.index_select(_bytes(blocks), 0, block_ids, out=dst[layer, :n])
+            torch.index_select(as_bytes(blocks), 0, block_ids, out=dst[layer, :n])
 
     def scatter(
         self,
@@ -127,14 +127,14 @@ class StagingBuffer:
         n = int(block_ids.numel())
         src = self.buffer[slot]
         if isinstance(layer_blocks, torch.Tensor):
-            _bytes(layer_blocks).index_copy_(1, block_ids, src[:, :n])
+            as_bytes(layer_blocks).index_copy_(1, block_ids, src[:, :n])
             return
         for layer, blocks in enumerate(layer_blocks):
-            _bytes(blocks).index_copy_(0, block_ids, src[layer, :n])
+            as_bytes(blocks).index_copy_(0, block_ids, src[layer, :n])
 
 
-def _bytes(blocks: torch.Tensor) -> torch.Tensor:
-    """``[num_blocks, page]`` viewed as bytes (views share memory)."""
+def as_bytes(blocks: torch.Tensor) -> torch.Tensor:
+    """A tensor viewed as bytes (``uint8``; views share memory)."""
     return blocks if blocks.dtype == torch.uint8 else blocks.view(torch.uint8)
 
 

@@ -30,18 +30,18 @@ def main(argv: list[str] | None = None) -> int:
     )
     args, rest = parser.parse_known_args(argv)
     if args.command == "doctor":
-        from elastic_nixl.doctor import main_doctor
+        from elastic_nixl.tools.doctor import main_doctor
 
         return main_doctor(rest)
     if args.command == "demo":
-        from elastic_nixl.demo import main_demo
+        from elastic_nixl.tools.demo import main_demo
 
         return main_demo(rest)
     if args.which == "registration":
-        from elastic_nixl.bench import main_registration
+        from elastic_nixl.tools.bench.registration import main_registration
 
         return main_registration(rest)
-    from elastic_nixl.gpu_bench import main as main_transfer
+    from elastic_nixl.tools.bench.transfer import main as main_transfer
 
     return main_transfer(rest)
 

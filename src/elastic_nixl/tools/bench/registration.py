@@ -1,7 +1,8 @@
 """Registration benchmark: ElasticNixlConnector vs vLLM's NixlConnector.
 
-``elastic-nixl bench registration`` (or ``python -m elastic_nixl.bench``)
-measures ``register_kv_caches`` with a real NIXL agent, in one run:
+``elastic-nixl bench registration`` (or ``python -m
+elastic_nixl.tools.bench.registration``) measures ``register_kv_caches`` with a
+real NIXL agent, in one run:
 
 * ElasticNixlConnector on an elastic KV cache: ``V`` virtual blocks reserved
   (``HostBackend``: ``mmap(PROT_NONE)``), ``P`` mapped;
@@ -252,7 +253,7 @@ class Sizes:
 
 
 def _configs(sizes: Sizes, connector: str, allocator: str | None) -> tuple[Any, Any]:
-    from elastic_nixl.harness import (
+    from elastic_nixl.tools.harness.vllm_objects import (
         TinyModel,
         init_distributed,
         make_kv_cache_config,
@@ -380,7 +381,7 @@ def vanilla_on_elastic_child(
         cmd = [
             sys.executable,
             "-m",
-            "elastic_nixl.bench",
+            "elastic_nixl.tools.bench.registration",
             "--vanilla-child",
             "--virtual-blocks", str(sizes.virtual_blocks),
             "--physical-blocks", str(sizes.physical_blocks),

@@ -22,7 +22,7 @@ import torch
 
 from elastic_nixl.allocator.core import VmmKVAllocator
 from elastic_nixl.allocator.host import HostBackend
-from elastic_nixl.harness import (
+from elastic_nixl.tools.harness.vllm_objects import (
     TinyModel,
     init_distributed,
     make_kv_cache_config,

@@ -1,0 +1,248 @@
+"""One side of the staged path: a NIXL agent, its registered slots, one thread.
+
+:class:`StagingEndpoint` is the base of the producer's
+:class:`~elastic_nixl.staging.server.StagingServer` and the consumer's
+:class:`~elastic_nixl.staging.reader.StagedReader`. It owns a staging agent
+(vLLM's agent stays with vLLM's threads), the bounce slots registered with
+it, the CUDA stream that gathers and scatters, and the thread that drives the
+agent: busy threads spin, idle ones poll notifications every millisecond.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from elastic_nixl.capabilities import KVMemoryError
+from elastic_nixl.memory.cuda import describe_cuda_pointer
+from elastic_nixl.staging.buffer import StagingBuffer, as_bytes
+from elastic_nixl.staging.protocol import Message, encode
+
+logger = logging.getLogger(__name__)
+
+# Idle threads poll NIXL notifications this often; busy ones, and ones busy
+# within the last _HOT_S (back-to-back requests), spin instead: at ~7 ms a
+# GiB on H200, a millisecond of polling latency per request shows.
+_IDLE_POLL_S = 0.001
+_HOT_S = 0.05
+DEFAULT_TIMEOUT_S = 60.0
+
+
+@dataclass
+class StagingStats:
+    chunks: int = 0
+    blocks: int = 0
+    bytes: int = 0
+    transfers: int = 0
+    failures: int = 0
+
+
+class StagingEndpoint:
+    """A staging agent, its registered slots and the thread that drives both.
+
+    Subclasses implement :meth:`step` (one pass over notifications and
+    in-flight work; True when busy) and call :meth:`start`.
+    """
+
+    def __init__(
+        self,
+        agent: Any,
+        region_views: Sequence[torch.Tensor],
+        slot_blocks: int,
+        slots: int,
+        mem_type: str,
+        thread_name: str,
+    ) -> None:
+        lens = {int(v.shape[1]) for v in region_views}
+        if len(lens) != 1:
+            raise NotImplementedError(
+                "staged transfers need one page size across KV regions; got "
+                f"{sorted(lens)} bytes"
+            )
+        self.agent = agent
+        self.views = [_region_bytes(v) for v in region_views]
+        # Regions evenly spaced in one allocation (our allocator's layer-outer
+        # layouts): one gather/scatter kernel for all of them, not one each.
+        self.stacked = _stack(self.views)
+        self.block_len = lens.pop()
+        self.device = self.views[0].device
+        self.device_id = (self.device.index or 0) if self.device.type == "cuda" else 0
+        self.mem_type = mem_type
+        self.buffer = StagingBuffer(
+            len(self.views), self.block_len, slot_blocks, slots, self.device
+        )
+        if self.device.type == "cuda":
+            _require_exportable(self.buffer.buffer)
+        self._reg = agent.register_memory(
+            agent.get_reg_descs(
+                [(self.buffer.geometry.base, self.buffer.nbytes, self.device_id, "")],
+                mem_type,
+            )
+        )
+        self.free_slots: deque[int] = deque(range(slots))
+        self.stats = StagingStats()
+        self._stream = (
+            torch.cuda.Stream(device=self.device)
+            if self.device.type == "cuda"
+            else None
+        )
+        if self._stream is not None:
+            self._pinned_ids = torch.empty(
+                (slots, slot_blocks), dtype=torch.long, pin_memory=True
+            )
+            self._device_ids = torch.empty(
+                (slots, slot_blocks), dtype=torch.long, device=self.device
+            )
+        self._stop = threading.Event()
+        self._wake = threading.Event()  # new local work: skip the idle wait
+        self._thread = threading.Thread(
+            target=self._main, name=thread_name, daemon=True
+        )
+
+    @property
+    def slot_blocks(self) -> int:
+        return self.buffer.geometry.slot_blocks
+
+    @property
+    def slots(self) -> int:
+        return self.buffer.geometry.slots
+
+    def descriptors(self, slot: int, num_blocks: int) -> np.ndarray:
+        return self.buffer.geometry.descriptors(slot, num_blocks, self.device_id)
+
+    def copy_async(
+        self,
+        fn: Callable[[Sequence[torch.Tensor] | torch.Tensor, torch.Tensor, int], None],
+        block_ids: Sequence[int],
+        slot: int,
+    ) -> torch.cuda.Event | None:
+        """Run a gather or scatter; on CUDA on our stream, with an event to poll."""
+        blocks = self.views if self.stacked is None else self.stacked
+        if self._stream is None:
+            fn(blocks, torch.as_tensor(list(block_ids), dtype=torch.long), slot)
+            return None
+        # A copy from pageable memory would wait for the stream's earlier
+        # copies; the slot's own pinned index buffer is free (its previous
+        # use finished before the slot was), so this one does not.
+        n = len(block_ids)
+        host = self._pinned_ids[slot, :n]
+        host.numpy()[:] = block_ids
+        with torch.cuda.stream(self._stream):
+            idx = self._device_ids[slot, :n]
+            idx.copy_(host, non_blocking=True)
+            fn(blocks, idx, slot)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        return event
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _main(self) -> None:
+        last_busy = 0.0
+        while not self._stop.is_set():
+            try:
+                busy = self.step()
+            except Exception:  # noqa: BLE001 - the thread must outlive one bad step
+                logger.exception("%s: staging step failed", self._thread.name)
+                busy = False
+            now = time.monotonic()
+            if busy:
+                last_busy = now
+            if now - last_busy < _HOT_S:
+                time.sleep(0)
+            else:
+                self._wake.wait(_IDLE_POLL_S)
+                self._wake.clear()
+
+    def step(self) -> bool:
+        """One pass over notifications and in-flight work; True when busy."""
+        raise NotImplementedError
+
+    def _halt(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        if self._stream is not None:
+            self._stream.synchronize()
+
+    def send(self, peer: str, msg: Message) -> None:
+        """Notify ``peer``; a peer that is gone is logged, not raised."""
+        try:
+            self.agent.send_notif(peer, encode(msg))
+        except Exception as e:  # noqa: BLE001 - a gone peer must not stop the thread
+            logger.warning("staging: cannot notify %s: %s", peer, e)
+
+    def close(self) -> None:
+        self._halt()
+        try:
+            self.agent.deregister_memory(self._reg)
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            logger.exception("staging: deregistration failed")
+
+
+def _stack(views: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """``[regions, num_blocks, page]`` over the same memory, if the regions are
+    equally shaped and evenly spaced in one storage; else None."""
+    first = views[0]
+    storage = first.untyped_storage()
+    step = views[1].data_ptr() - first.data_ptr() if len(views) > 1 else 0
+    if len(views) > 1 and step <= 0:
+        return None
+    for i, v in enumerate(views):
+        if (
+            v.data_ptr() != first.data_ptr() + i * step
+            or v.shape != first.shape
+            or v.stride() != first.stride()
+            or v.untyped_storage().data_ptr() != storage.data_ptr()
+        ):
+            return None
+    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(
+        storage,
+        first.data_ptr() - storage.data_ptr(),
+        (len(views), *first.shape),
+        (step, *first.stride()),
+    )
+
+
+def is_done(event: torch.cuda.Event | None) -> bool:
+    """Whether a copy recorded as ``event`` finished (None: it ran inline)."""
+    return event is None or bool(event.query())
+
+
+def _region_bytes(view: torch.Tensor) -> torch.Tensor:
+    if view.ndim != 2:
+        raise ValueError(
+            f"region view must be [num_blocks, page], got {tuple(view.shape)}"
+        )
+    return as_bytes(view)
+
+
+def _require_exportable(buffer: torch.Tensor) -> None:
+    """The bounce buffer is only useful if UCX can export it."""
+
+    info = describe_cuda_pointer(buffer.data_ptr())
+    if not info.legacy_ipc_capable:
+        raise KVMemoryError(
+            "ElasticNixlConnector: the staging buffer torch allocated at "
+            f"0x{buffer.data_ptr():x} is not legacy-CUDA-IPC capable ({info.origin}); "
+            "staging would not help. Unset expandable_segments in "
+            "PYTORCH_CUDA_ALLOC_CONF / PYTORCH_ALLOC_CONF."
+        )
+
+
+def agent_name(agent: Any) -> str:
+    """A NIXL agent's name as ``str``."""
+    name = getattr(agent, "name", None)
+    if name is None:
+        raise TypeError(f"NIXL agent {agent!r} has no name")
+    return name.decode() if isinstance(name, bytes) else str(name)

@@ -1,0 +1,257 @@
+"""vLLM state our subclasses touch, listed by name: a vLLM upgrade fails here first.
+
+``ElasticNixlConnectorWorker`` and ``ElasticNixlConnectorScheduler`` subclass
+vLLM's NIXL classes and read, assign or override their attributes. Each such
+name is listed below with the kind vLLM 0.32 gives it, and checked on real
+vanilla instances. A scan of our classes' source fails when they touch a
+``self.`` name that is on neither list, so the lists stay complete.
+"""
+
+from __future__ import annotations
+
+import ast
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import elastic_nixl
+
+SRC = Path(elastic_nixl.__file__).parent
+METHOD = "method"
+
+# vLLM NixlPullConnectorWorker (and its base) names our worker touches: the
+# kind each has after vLLM's register_kv_caches on a static cache.
+WORKER_INHERITED: dict[str, object] = {
+    # methods we call
+    "_apply_prefix_caching": METHOD,
+    "_handle_failed_transfer": METHOD,
+    "_log_failure": METHOD,
+    "_set_region_layers": METHOD,
+    "_validate_remote_agent_handshake": METHOD,
+    # methods we override
+    "_cleanup_remote_engine": METHOD,
+    "_nixl_handshake": METHOD,
+    "_pop_done_transfers": METHOD,
+    "_read_blocks": METHOD,
+    "_read_blocks_for_req": METHOD,
+    "add_remote_agent": METHOD,
+    "get_transfer_results": METHOD,
+    "register_kv_caches": METHOD,
+    "shutdown": METHOD,
+    "start_load_kv": METHOD,
+    # state we read
+    "_TRANSFER_MODE": str,
+    "_failed_recv_reqs": queue.Queue,
+    "_group_spec_types": tuple,
+    "_handshake_initiation_executor": ThreadPoolExecutor,
+    "_layer_specs": dict,
+    "_mamba_ssm_size": tuple,
+    "_physical_blocks_per_logical_kv_block": int,
+    "_ready_requests": queue.Queue,
+    "_recv_failures": set,
+    "_recving_transfers": dict,
+    "_remote_agents": dict,
+    "attn_backends": list,
+    "backend_name": str,
+    "block_size": int,
+    "dcp_size": int,
+    "dst_num_blocks": dict,
+    "dst_region_group_ids": dict,
+    "dst_region_mem_types": dict,
+    "dst_region_num_blocks": dict,
+    "dst_uses_region_group_mapping": dict,
+    "dst_xfer_side_handles": dict,
+    "engine_id": str,
+    "kv_cache_config": object,
+    "kv_cache_layout": str,
+    "kv_caches_base_addr": dict,
+    "model_config": object,
+    "nixl_backends": list,
+    "nixl_memory_type": str,
+    "num_blocks": int,
+    "pcp_size": int,
+    "pp_size": int,
+    "region_members": list,
+    "src_xfer_handles_by_block_size": dict,
+    "tp_mappings": dict,
+    "tp_rank": int,
+    "transfer_tp_rank": int,
+    "transfer_tp_size": int,
+    "use_host_buffer": bool,
+    "use_mla": bool,
+    "vllm_config": object,
+    # state we assign (elastic memory builds what register_kv_caches would)
+    "_mixed_mem_types": bool,
+    "_region_is_mla": list,
+    "_skip_dram_xfer": bool,
+    "_uses_region_group_mapping": bool,
+    "block_len_per_layer": list,
+    "block_stride_per_layer": list,
+    "compat_hash": str,
+    "device_id": int,
+    "device_kv_caches": dict,
+    "nixl_wrapper": object,
+    "num_descs": int,
+    "num_regions": int,
+    "region_group_ids": list,
+    "region_mem_types": list,
+    "region_names": list,
+    "region_num_blocks": list,
+    "src_blocks_data": np.ndarray,
+    "transfer_topo": object,
+    "xfer_handshake_metadata": object,
+}
+
+# Names our worker adds: none may exist on vLLM's worker (we would shadow it).
+WORKER_OURS = {
+    "_add_per_request_agent",
+    "_check_elastic_supported",
+    "_check_transfer_path",
+    "_collect_staged",
+    "_ids_by_region",
+    "_is_producer",
+    "_layer_views",
+    "_lease_for_send",
+    "_local_extents",
+    "_local_geometry",
+    "_on_mapping_event",
+    "_publish_handshake",
+    "_read_staged",
+    "_reads_staged",
+    "_refresh_peer",
+    "_refresh_then_read",
+    "_register_elastic",
+    "_release_recv_lease",
+    "_remote_blocks_unknown",
+    "_remote_mem_type",
+    "build_worker_meta",
+    "_recv_leases",
+    "_reg_lock",
+    "_regions",
+    "_registrar",
+    "_reported_epoch",
+    "_required_epochs",
+    "_send_leases",
+    "_unsubscribe",
+    "elastic",
+    "elastic_stats",
+    "memory",
+    "peers",
+    "settings",
+    "staged",
+    "transfer_path",
+}
+
+SCHEDULER_INHERITED: dict[str, object] = {
+    "_nixl_handshake_listener": METHOD,
+    "build_connector_meta": METHOD,
+    "request_finished": METHOD,
+    "set_xfer_handshake_metadata": METHOD,
+    "update_connector_output": METHOD,
+    "_nixl_handshake_listener_t": (threading.Thread, type(None)),
+    "_reqs_need_recv": dict,
+    "_stop_event": threading.Event,
+    "side_channel_host": str,
+    "side_channel_port": int,
+}
+SCHEDULER_OURS = {
+    "_blocks_to_lease",
+    "_producer_epoch",
+    "_served_payloads",
+    "producer_epoch",
+}
+
+
+def self_names(classes: list[tuple[str, str]]) -> set[str]:
+    """Every ``self.X`` our classes touch, and every method they define."""
+    names: set[str] = set()
+    for path, cls in classes:
+        tree = ast.parse((SRC / path).read_text())
+        node = next(
+            n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls
+        )
+        names |= {
+            f.name
+            for f in node.body
+            if isinstance(f, ast.FunctionDef) and not f.name.startswith("__")
+        }
+        for sub in ast.walk(node):
+            if (
+                isinstance(sub, ast.Attribute)
+                and isinstance(sub.value, ast.Name)
+                and sub.value.id == "self"
+            ):
+                names.add(sub.attr)
+    return names
+
+
+# Our classes over vLLM's: the worker stacks the handshake layer under it.
+WORKER_CLASSES = [
+    ("connector/handshake.py", "HandshakeWorker"),
+    ("connector/worker.py", "ElasticNixlConnectorWorker"),
+]
+SCHEDULER_CLASSES = [("connector/scheduler.py", "ElasticNixlConnectorScheduler")]
+
+
+@pytest.mark.parametrize(
+    ("classes", "inherited", "ours"),
+    [
+        (WORKER_CLASSES, WORKER_INHERITED, WORKER_OURS),
+        (SCHEDULER_CLASSES, SCHEDULER_INHERITED, SCHEDULER_OURS),
+    ],
+    ids=["worker", "scheduler"],
+)
+def test_every_name_we_touch_is_listed(
+    classes: list[tuple[str, str]], inherited: dict[str, object], ours: set[str]
+) -> None:
+    used = self_names(classes)
+    unlisted = used - set(inherited) - ours
+    assert not unlisted, (
+        f"{classes} touch {sorted(unlisted)}: list each in this test, as vLLM "
+        "state (with its kind) or as ours"
+    )
+    stale = (set(inherited) | ours) - used
+    assert not stale, f"listed but no longer used: {sorted(stale)}"
+
+
+def check_kinds(instance: object, inherited: dict[str, object], ours: set[str]) -> None:
+    missing, wrong = [], []
+    for name, kind in inherited.items():
+        if not hasattr(instance, name):
+            missing.append(name)
+            continue
+        if kind == METHOD:
+            if not callable(getattr(type(instance), name, None)):
+                wrong.append(f"{name}: not a method")
+        elif not isinstance(getattr(instance, name), kind):  # type: ignore[arg-type]
+            wrong.append(f"{name}: {type(getattr(instance, name)).__name__}")
+    shadowed = sorted(n for n in ours if hasattr(instance, n))
+    assert not missing, f"vLLM no longer has {missing}"
+    assert not wrong, f"vLLM changed the kind of {wrong}"
+    assert not shadowed, f"our names now exist in vLLM too: {shadowed}"
+
+
+def test_vanilla_nixl_classes_still_have_them(
+    make_engine: Callable[..., object],
+) -> None:
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_scheduler import (
+        NixlPullConnectorScheduler,
+    )
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_worker import (
+        NixlPullConnectorWorker,
+    )
+
+    eng = make_engine(
+        "kv_consumer", "drift", connector="NixlConnector", memory="static"
+    )
+    worker = eng.worker.connector_worker  # type: ignore[attr-defined]
+    sched = eng.scheduler.connector_scheduler  # type: ignore[attr-defined]
+    assert type(worker) is NixlPullConnectorWorker
+    assert type(sched) is NixlPullConnectorScheduler
+    check_kinds(worker, WORKER_INHERITED, WORKER_OURS)
+    check_kinds(sched, SCHEDULER_INHERITED, SCHEDULER_OURS)

@@ -51,6 +51,16 @@ _DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 _DEFAULT_STAGING_SLOTS = 4
 _DEFAULT_STAGING_SLOT_BYTES = 128 * 1024 * 1024
 
+# Upper bounds of each integer key: far beyond any real deployment, and low
+# enough that sizes computed from them stay exact (no overflow anywhere).
+LIMITS: dict[str, int] = {
+    "virtual_blocks": 1 << 32,
+    "chunk_bytes": 1 << 30,
+    "staging_slots": 64,
+    "staging_slot_bytes": 16 << 30,
+    "staging_timeout_s": 3600,
+}
+
 
 @dataclass(frozen=True)
 class ElasticNixlSettings:
@@ -65,6 +75,9 @@ class ElasticNixlSettings:
     # regions); a slot holds at least one block.
     staging_slots: int = _DEFAULT_STAGING_SLOTS
     staging_slot_bytes: int = _DEFAULT_STAGING_SLOT_BYTES
+    # Staged path: how long a consumer may hold a producer's slot (and wait
+    # for a producer) before the transfer is failed and the slot reclaimed.
+    staging_timeout_s: int = 60
 
     def staging_slot_blocks(self, bytes_per_block: int) -> int:
         """Blocks one slot holds (at least one) for blocks of this size."""
@@ -83,6 +96,7 @@ class ElasticNixlSettings:
             "transfer_path",
             "staging_slots",
             "staging_slot_bytes",
+            "staging_timeout_s",
         }
         unknown = sorted(set(ours) - known)
         if unknown:
@@ -97,12 +111,12 @@ class ElasticNixlSettings:
         if "transfer_path" in ours:
             kwargs["transfer_path"] = _enum_value(TransferPath, "transfer_path", ours)
         if "virtual_blocks" in ours and ours["virtual_blocks"] is not None:
-            kwargs["virtual_blocks"] = _positive_int("virtual_blocks", ours)
-        for key in ("staging_slots", "staging_slot_bytes"):
+            kwargs["virtual_blocks"] = _bounded_int("virtual_blocks", ours)
+        for key in ("staging_slots", "staging_slot_bytes", "staging_timeout_s"):
             if key in ours:
-                kwargs[key] = _positive_int(key, ours)
+                kwargs[key] = _bounded_int(key, ours)
         if "chunk_bytes" in ours:
-            chunk = _positive_int("chunk_bytes", ours)
+            chunk = _bounded_int("chunk_bytes", ours)
             if chunk % 4096:
                 raise ValueError(
                     "kv_connector_extra_config['chunk_bytes'] must be a multiple of "
@@ -131,11 +145,12 @@ def _enum_value(enum_cls: type[enum.Enum], key: str, ours: Mapping[str, Any]) ->
     return enum_cls(raw.lower())
 
 
-def _positive_int(key: str, ours: Mapping[str, Any]) -> int:
+def _bounded_int(key: str, ours: Mapping[str, Any]) -> int:
     raw = ours[key]
-    if isinstance(raw, bool) or not isinstance(raw, int) or raw <= 0:
+    limit = LIMITS[key]
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 < raw <= limit:
         raise ValueError(
-            f"kv_connector_extra_config[{key!r}] must be a positive integer, "
-            f"got {raw!r}"
+            f"kv_connector_extra_config[{key!r}] must be an integer from 1 to "
+            f"{limit}, got {raw!r}"
         )
     return raw

@@ -87,11 +87,10 @@ class Runs:
     @classmethod
     def from_spans(cls, spans: Iterable[Span]) -> Runs:
         """Union of ``(start, length)`` spans; overlapping and abutting ones merge."""
-        pairs = [(int(s), int(s) + int(n)) for s, n in spans]
-        if not pairs:
+        arr = np.asarray(spans if isinstance(spans, list) else list(spans), np.int64)
+        if arr.size == 0:
             return cls.empty()
-        arr = np.asarray(pairs, np.int64)
-        return cls.from_intervals(arr[:, 0], arr[:, 1])
+        return cls.from_intervals(arr[:, 0], arr[:, 0] + arr[:, 1])
 
     def __len__(self) -> int:
         return int(self.starts.size)
@@ -140,6 +139,19 @@ class Runs:
         i = np.searchsorted(self.starts, arr, "right") - 1
         safe = np.maximum(i, 0)
         return (i >= 0) & (arr + length <= self.ends[safe])
+
+    def covers_ranges(
+        self, starts: npt.ArrayLike, ends: npt.ArrayLike
+    ) -> npt.NDArray[np.bool_]:
+        """Elementwise: whether ``[start, end)`` lies inside one run (any shape;
+        an empty range is covered)."""
+        lo = np.asarray(starts, np.int64)
+        hi = np.asarray(ends, np.int64)
+        if self.starts.size == 0:
+            return hi <= lo
+        i = np.searchsorted(self.starts, lo, "right") - 1
+        safe = np.maximum(i, 0)
+        return (hi <= lo) | ((i >= 0) & (hi <= self.ends[safe]))
 
     def contains(self, ids: npt.ArrayLike) -> npt.NDArray[np.bool_]:
         """Elementwise membership of ``ids``."""

@@ -100,7 +100,10 @@ def cluster() -> Iterator[Cluster]:
     try:
         prefill, decode = coord.start(
             ["prefill", "decode"],
-            env={"VLLM_LOGGING_LEVEL": "WARNING"},
+            # UCX over TCP, as between nodes: the transport under which a read
+            # reaches the owner's memory through UCX's own GET handler (shared
+            # memory would fail it in the kernel instead).
+            env={"VLLM_LOGGING_LEVEL": "WARNING", "UCX_TLS": "tcp"},
             timeout=START_TIMEOUT_S,
         )
         p, d = coord.add_engines(
@@ -299,6 +302,37 @@ def test_d_shrink_with_read_in_flight_is_deferred(cluster: Cluster) -> None:
         s1["mapped_chunks"] - s2["mapped_chunks"]
     )
     assert s2["registered_bytes"] == s2["mapped_bytes"]
+
+
+def test_d_read_after_the_lease_expired_and_memory_shrank(cluster: Cluster) -> None:
+    """A read that arrives after the producer's lease expired and its memory
+    was unmapped cannot crash the producer: NIXL does not revoke the keys the
+    consumer holds, and unmapped memory stays readable (as zeros)."""
+    c = cluster
+    prod = c.engine(
+        c.prefill,
+        "pl",
+        **elastic("kv_producer", "it-lease", extra={"kv_lease_duration": 1}),
+    )
+    region = list(range(30_000, 30_064))  # whole chunks (16 blocks a chunk)
+    c.coord.op(prod, "grow", block_ids=region)
+    # The consumer reads from the region once: its view now covers it.
+    ok(c.coord.transfer(prod, c.d, "dl-a", 4, producer_ids=region[:4], wait_sent=True))
+    pre = c.coord.prefill(prod, "dl-b", block_ids=region[8:12])
+    assert pre is not None
+    # Nobody reads dl-b for longer than the lease: vLLM frees its blocks...
+    c.coord.wait_sent("dl-b", timeout=30)
+    assert c.coord.op(prod, "query", block_ids=region[8:12])["leased"] == []
+    # ...and the producer shrinks the region away.
+    c.coord.op(prod, "shrink", block_ids=region, include_live=True)
+    assert c.coord.op(prod, "query", block_ids=region)["unmapped"] == region
+    # Now the late read, through the consumer's view of the old epoch.
+    late = c.coord.receive(c.d, "dl-b", pre["params"], n=4)
+    assert not late.ok, "the producer's bytes were gone: the read cannot be valid"
+    assert c.prefill.proc.is_alive(), "the late read crashed the producer"
+    # Both engines keep serving.
+    ok(c.coord.transfer(prod, c.d, "dl-c", 3, max_id=P, wait_sent=False))
+    ok(c.coord.transfer(c.p, c.d, "dl-d", 2, wait_sent=False))
 
 
 # ---------------------------------------------------------------------------

@@ -36,8 +36,14 @@ def test_values_and_vllm_keys_pass_through():
     [
         ({"alocator": "vmm"}, "unknown key(s) ['alocator']"),
         ({"allocator": "cuda"}, "choose one of ['auto', 'vmm', 'static']"),
-        ({"virtual_blocks": 0}, "'virtual_blocks'] must be a positive integer"),
-        ({"virtual_blocks": True}, "'virtual_blocks'] must be a positive integer"),
+        ({"virtual_blocks": 0}, "'virtual_blocks'] must be an integer from 1 to"),
+        ({"virtual_blocks": True}, "'virtual_blocks'] must be an integer from 1"),
+        # Absurd sizes are refused by name, not left to overflow later.
+        ({"virtual_blocks": 10**18}, "'virtual_blocks'] must be an integer from 1"),
+        ({"chunk_bytes": 1 << 40}, "'chunk_bytes'] must be an integer from 1 to"),
+        ({"staging_slots": 10**6}, "'staging_slots'] must be an integer from 1 to"),
+        ({"staging_slot_bytes": 10**15}, "'staging_slot_bytes'] must be an integer"),
+        ({"staging_slots": "4"}, "'staging_slots'] must be an integer from 1 to"),
         ({"chunk_bytes": 1000}, "multiple of 4096"),
         ({"transfer_path": "fast"}, "choose one of ['auto', 'direct', 'staged']"),
     ],

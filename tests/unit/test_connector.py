@@ -18,6 +18,8 @@ def stats(engine):
 
 
 def advertised(engine):
+    """What peers are served: the payload is rebuilt once per engine step."""
+    engine.step()
     payload = engine.worker.connector_worker.xfer_handshake_metadata
     return decode_agent_metadata(msgspec.msgpack.encode(payload))[1]
 

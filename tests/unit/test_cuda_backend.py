@@ -120,6 +120,8 @@ class FakeDriver:
         }
         self.live_handles: set[int] = set()
         self.mapped: dict[int, int] = {}
+        self.read_only: set[int] = set()
+        self.zeroed: set[int] = set()
         self.next_handle = 100
         self.init_error: Exception | None = None
         self.props: list[Any] = []
@@ -198,12 +200,18 @@ class FakeDriver:
     def cuMemSetAccess(
         self, ptr: int, n: int, desc: list[Any], count: int
     ) -> tuple[Any, ...]:  # noqa: N802
-        assert (
-            count == 1
-            and desc[0].flags
-            == drv.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        )
+        flags = drv.CUmemAccess_flags
+        assert count == 1
+        if desc[0].flags == flags.CU_MEM_ACCESS_FLAGS_PROT_READ:
+            self.read_only.add(ptr)
+            return self._ret("cuMemSetAccess(READ)")
+        assert desc[0].flags == flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        self.read_only.discard(ptr)
         return self._ret("cuMemSetAccess")
+
+    def cuMemsetD8(self, ptr: int, value: int, n: int) -> tuple[Any, ...]:  # noqa: N802
+        self.zeroed.add(ptr)
+        return self._ret("cuMemsetD8")
 
     def cuCtxSynchronize(self) -> tuple[Any, ...]:  # noqa: N802
         return self._ret("cuCtxSynchronize")
@@ -238,11 +246,23 @@ def test_backend_against_fake_driver(fake: Callable[..., FakeDriver]) -> None:
     assert len(f.live_handles) == 4 and len(f.mapped) == 4
     f.calls.clear()
     a.shrink_to(0)
-    assert f.calls == ["cuCtxSynchronize"] + ["cuMemUnmap", "cuMemRelease"] * 4
-    assert f.live_handles == set() and f.mapped == {}
-    a.grow_to(1)
+    # Each chunk's memory is released and the range retired: one zero chunk,
+    # made and zeroed once, mapped read-only in every chunk's place.
+    retire = ["cuMemMap", "cuMemSetAccess(READ)"]
+    assert f.calls == (
+        ["cuCtxSynchronize", "cuMemUnmap", "cuMemRelease", "cuMemCreate", "cuMemMap"]
+        + ["cuMemSetAccess", "cuMemsetD8", "cuCtxSynchronize", "cuMemSetAccess(READ)"]
+        + (["cuMemUnmap", "cuMemRelease"] + retire) * 3
+    )
+    zero = {h for h in f.live_handles}
+    assert len(zero) == 1 and set(f.mapped.values()) == zero
+    assert len(f.mapped) == 4 and set(f.mapped) == f.read_only
+    assert len(f.zeroed) == 1
+    f.calls.clear()
+    a.grow_to(1)  # a retired range mapped again: the zero mapping goes first
+    assert f.calls[:3] == ["cuMemUnmap", "cuMemCreate", "cuMemMap"]
     a.close()
-    assert f.live_handles == set()
+    assert f.live_handles == set() and f.mapped == {}
     assert f.calls[-2:] == ["cuMemAddressFree", "cuDevicePrimaryCtxRelease"]
     assert [e.kind.value for e in events] == [
         "mapped",
@@ -272,11 +292,14 @@ def test_oom_rolls_back_and_names_the_call(fake: Callable[..., FakeDriver]) -> N
         KVMemoryError, match=r"cuMemCreate\(2097152\) failed: CUDA_ERROR_OUT_OF_MEMORY"
     ):
         a.grow_to(6)
-    assert len(f.live_handles) == 1 and a.num_mapped_blocks == 1 and a.epoch == 1
+    # One chunk still mapped, plus the shared zero chunk the rolled-back
+    # ranges were retired onto.
+    assert len(f.live_handles) == 2 and a.num_mapped_blocks == 1 and a.epoch == 1
     f.fail["cuMemSetAccess"] = R.CUDA_ERROR_INVALID_VALUE
     with pytest.raises(KVMemoryError, match="cuMemSetAccess.*CUDA_ERROR_INVALID_VALUE"):
         a.grow_to(2)
-    assert len(f.live_handles) == 1 and len(f.mapped) == 1  # unmapped and released
+    assert len(f.live_handles) == 2  # the failed chunk unmapped and released
+    assert [h for h in f.mapped.values()].count(min(f.live_handles)) == 1
     a.close()
 
 
@@ -367,7 +390,14 @@ def test_gpu_grow_write_shrink(cuda_torch: Any) -> None:
         lease.release()
         a.shrink_to(0)
         torch.cuda.synchronize()
-        assert torch.cuda.mem_get_info(0)[0] - free2 >= 60 * gran  # really freed
+        # Really freed: one zero chunk stands in for every retired range.
+        assert torch.cuda.mem_get_info(0)[0] - free2 >= 59 * gran
+        # A late read of a retired range sees zeros, not a fault.
+        assert int(view[3, 63].abs().sum()) == 0 and int(view[0, 5].abs().sum()) == 0
+        a.grow_to(4)  # mapped again: writable, its own memory
+        view[0, :4] = 9
+        torch.cuda.synchronize()
+        assert int(view[0, 3, 0]) == 9 and int(view[0, 5].abs().sum()) == 0
         del view, t
 
 

@@ -45,17 +45,19 @@ def test_offer_geometry_is_the_slot_layout() -> None:
         offer.geometry.descriptors(0, 5, 0)
 
 
-def test_messages_round_trip_and_garbage_is_none() -> None:
+def test_messages_round_trip_and_garbage_is_refused() -> None:
     for msg in (
         Stage("r#1", [1, 2, 30_000], 4, b"md"),
         Ready("r#1", 0, 1, 2),
         Failed("r#1", "why"),
-        Done("r#1", 1),
+        Done("r#1", 0, 1),
         Cancel("r#1"),
     ):
         assert decode(encode(msg)) == msg
-    assert decode(b"r1:1") is None  # vLLM's own notification format
-    assert decode(b"\x93garbage") is None
+    with pytest.raises(ValueError, match="malformed staging message"):
+        decode(b"r1:1")  # vLLM's own notification format
+    with pytest.raises(ValueError, match="malformed staging message"):
+        decode(b"\x93garbage")
 
 
 def test_slot_blocks_from_settings() -> None:

@@ -54,6 +54,7 @@ WORKER_INHERITED: dict[str, object] = {
     "_physical_blocks_per_logical_kv_block": int,
     "_ready_requests": queue.Queue,
     "_recv_failures": set,
+    "_recving_metadata": dict,
     "_recving_transfers": dict,
     "_remote_agents": dict,
     "attn_backends": list,
@@ -110,6 +111,14 @@ WORKER_INHERITED: dict[str, object] = {
 # Names our worker adds: none may exist on vLLM's worker (we would shadow it).
 WORKER_OURS = {
     "_add_per_request_agent",
+    "_apply_fetched",
+    "_extent_index",
+    "_handshake_stale",
+    "_apply_peer",
+    "_fetch_peer",
+    "_fetched_for_refresh",
+    "_refreshed_for",
+    "_refused_reads",
     "_check_elastic_supported",
     "_check_transfer_path",
     "_collect_staged",
@@ -123,7 +132,6 @@ WORKER_OURS = {
     "_publish_handshake",
     "_read_staged",
     "_reads_staged",
-    "_refresh_peer",
     "_refresh_then_read",
     "_register_elastic",
     "_release_recv_lease",
@@ -150,6 +158,7 @@ WORKER_OURS = {
 SCHEDULER_INHERITED: dict[str, object] = {
     "_nixl_handshake_listener": METHOD,
     "build_connector_meta": METHOD,
+    "on_new_request": METHOD,
     "request_finished": METHOD,
     "set_xfer_handshake_metadata": METHOD,
     "update_connector_output": METHOD,
@@ -161,6 +170,8 @@ SCHEDULER_INHERITED: dict[str, object] = {
 }
 SCHEDULER_OURS = {
     "_blocks_to_lease",
+    "_epochs",
+    "_refused",
     "_producer_epoch",
     "_served_payloads",
     "producer_epoch",

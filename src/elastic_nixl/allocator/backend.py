@@ -17,6 +17,16 @@ class MemoryBackend(abc.ABC):
     Offsets are relative to the reservation base and multiples of
     ``granularity``; the allocator never maps a range twice or unmaps a range
     it did not map.
+
+    A range is in one of three states. *Reserved*: never mapped; any access
+    faults. *Mapped*: backed by memory, read-write. *Retired*: unmapped after
+    being mapped; its memory is given back, writes fault, reads return zeros
+    (backed by nothing, or by one shared zero page). Retired rather than
+    reserved because NIXL cannot take back what it handed out: a peer that
+    loaded our metadata keeps a key to memory we have since deregistered,
+    and a read with it still reaches us (measured with nixl 1.5.1: under
+    UCX's TCP transport such a read of deregistered ``PROT_NONE`` host memory
+    kills the owner with SIGSEGV). A late read of a retired range reads zeros.
     """
 
     @property
@@ -47,7 +57,8 @@ class MemoryBackend(abc.ABC):
 
     @abc.abstractmethod
     def unmap(self, offset: int, nbytes: int) -> None:
-        """Give the memory back; touching the range afterwards faults."""
+        """Give the memory back and retire the range: reads return zeros,
+        writes fault, until it is mapped again."""
 
     def quiesce(self) -> None:  # noqa: B027 - optional hook, no-op by default
         """Wait until no in-flight work can touch memory about to be unmapped."""

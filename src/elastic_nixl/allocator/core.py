@@ -54,6 +54,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# An unmap of up to this many blocks works on the blocks themselves; a larger
+# one (a shrink of a range) first narrows them to blocks touching mapped chunks.
+_DIRECT_UNMAP_BLOCKS = 1 << 16
+
 
 class BlockLease:
     """Blocks pinned mapped while a transfer reads or writes them.
@@ -184,9 +188,12 @@ class VmmKVAllocator:
         self._subs: list[_Subscription] = []
         self._epoch = 0
         self._closed = False
-        self._cache_epoch = 0
-        self._cache_mapped = Runs.empty()
-        self._cache_full = Runs.empty()
+        # Mapped chunks as runs, kept up to date by every change (so a change
+        # costs O(runs), not a rebuild from the set); fully mapped blocks and
+        # the extent tuple are derived lazily, per epoch, for whoever asks.
+        self._mapped_runs = Runs.empty()
+        self._full_epoch = -1
+        self._full = Runs.empty()
         self._extents_epoch = 0
         self._extents: tuple[MemoryExtent, ...] = ()
         self._tensor_ref: weakref.ref[torch.Tensor] | None = None
@@ -257,9 +264,10 @@ class VmmKVAllocator:
 
     @property
     def num_mapped_blocks(self) -> int:
-        """Blocks all of whose bytes (every layer) are mapped."""
+        """Blocks all of whose bytes (every layer) are mapped (O(mapped) once
+        per epoch: for reports, not hot paths)."""
         with self._lock:
-            return self._state()[1].count
+            return self._fully_mapped().count
 
     @property
     def num_mapped_chunks(self) -> int:
@@ -286,16 +294,14 @@ class VmmKVAllocator:
 
     # ------------------------------------------------------------- queries
 
-    def _state(self) -> tuple[Runs, Runs]:
-        """(mapped chunk runs, fully mapped block runs), cached per epoch."""
-        if self._cache_epoch != self._epoch:
-            chunks = np.fromiter(self._mapped, np.int64, len(self._mapped))
-            self._cache_mapped = Runs.from_ids(chunks)
-            self._cache_full = block_runs_inside(
-                self._pieces, self._cache_mapped, self._chunk, self._num_blocks
+    def _fully_mapped(self) -> Runs:
+        """Blocks every byte of which is mapped, cached per epoch."""
+        if self._full_epoch != self._epoch:
+            self._full = block_runs_inside(
+                self._pieces, self._mapped_runs, self._chunk, self._num_blocks
             )
-            self._cache_epoch = self._epoch
-        return self._cache_mapped, self._cache_full
+            self._full_epoch = self._epoch
+        return self._full
 
     def _extent(self, chunk: int) -> MemoryExtent:
         return MemoryExtent(
@@ -311,10 +317,20 @@ class VmmKVAllocator:
             return self._extents
 
     def unmapped_blocks(self, block_ids: Iterable[int]) -> list[int]:
-        """The ids (in the order given) that are out of range or not fully mapped."""
+        """The ids (in the order given) that are out of range or not fully mapped.
+
+        O(ids x pieces), whatever is mapped: each piece of each block must lie
+        in one run of mapped chunks.
+        """
         ids = as_ids(block_ids)
+        ok = (ids >= 0) & (ids < self._num_blocks)
         with self._lock:
-            ok = (ids >= 0) & (ids < self._num_blocks) & self._state()[1].contains(ids)
+            if ok.any():
+                p, chunk = self._pieces, self._chunk
+                start = p.base[None, :] + ids[ok, None] * p.stride[None, :]
+                lo = start // chunk
+                hi = (start + p.nbytes[None, :] - 1) // chunk + 1
+                ok[ok] = self._mapped_runs.covers_ranges(lo, hi).all(axis=1)
         return ids[~ok].tolist()
 
     # ------------------------------------------------------------- events
@@ -423,9 +439,8 @@ class VmmKVAllocator:
             return self._unmap_runs(Runs.range(n, self._num_blocks))
 
     def _map_runs(self, blocks: Runs) -> tuple[MemoryExtent, ...]:
-        mapped_runs, _ = self._state()
         need = chunk_runs_of_blocks(self._pieces, blocks, self._chunk).difference(
-            mapped_runs
+            self._mapped_runs
         )
         done: list[int] = []
         for c in need.ids().tolist():
@@ -449,6 +464,7 @@ class VmmKVAllocator:
         if not done:
             return ()
         self._mapped.update(done)
+        self._mapped_runs = self._mapped_runs.union(need)
         self._epoch += 1
         extents = tuple(self._extent(c) for c in done)
         error = self._emit(MappingEvent(MappingEventKind.MAPPED, extents, self._epoch))
@@ -459,13 +475,17 @@ class VmmKVAllocator:
     def _unmap_runs(self, blocks: Runs) -> tuple[MemoryExtent, ...]:
         self._wanted = self._wanted.difference(blocks)
         self._deferred = self._deferred or bool(self._lease_counts)
-        mapped_runs, _ = self._state()
-        # Only blocks that touch mapped chunks matter: keeps shrink O(mapped).
-        touching = block_runs_touching(
-            self._pieces, mapped_runs, self._chunk, self._num_blocks
-        )
+        mapped_runs = self._mapped_runs
+        if blocks.count > _DIRECT_UNMAP_BLOCKS:
+            # A bulk shrink (``shrink_to``): only blocks that touch mapped
+            # chunks matter, which keeps it O(mapped), not O(V).
+            blocks = blocks.intersection(
+                block_runs_touching(
+                    self._pieces, mapped_runs, self._chunk, self._num_blocks
+                )
+            )
         candidates = chunk_runs_of_blocks(
-            self._pieces, blocks.intersection(touching), self._chunk
+            self._pieces, blocks, self._chunk
         ).intersection(mapped_runs)
         return self._release_unneeded(candidates)
 
@@ -487,6 +507,7 @@ class VmmKVAllocator:
     def _unmap_chunks(self, chunks: list[int]) -> tuple[MemoryExtent, ...]:
         extents = tuple(self._extent(c) for c in chunks)
         self._mapped.difference_update(chunks)
+        self._mapped_runs = self._mapped_runs.difference(Runs.from_ids(chunks))
         self._epoch += 1
         error = self._emit(
             MappingEvent(MappingEventKind.UNMAPPING, extents, self._epoch)
@@ -565,10 +586,9 @@ class VmmKVAllocator:
                     freed.append(b)
             if not freed or not self._deferred:
                 return
-            mapped_runs, _ = self._state()
             candidates = chunk_runs_of_blocks(
                 self._pieces, Runs.from_ids(freed), self._chunk
-            ).intersection(mapped_runs)
+            ).intersection(self._mapped_runs)
             self._release_unneeded(candidates)
             leased = Runs.from_ids(np.fromiter(self._lease_counts, np.int64))
             self._deferred = bool(leased.difference(self._wanted))

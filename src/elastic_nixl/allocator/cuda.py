@@ -131,12 +131,19 @@ def build_allocation_prop(
     return prop
 
 
-def build_access_desc(driver: ModuleType, device: int) -> Any:
-    """``CUmemAccessDesc`` granting ``device`` read/write."""
+def build_access_desc(
+    driver: ModuleType, device: int, *, read_only: bool = False
+) -> Any:
+    """``CUmemAccessDesc`` granting ``device`` read/write (or read only)."""
     desc = driver.CUmemAccessDesc()
     desc.location.type = driver.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
     desc.location.id = device
-    desc.flags = driver.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+    flags = driver.CUmemAccess_flags
+    desc.flags = (
+        flags.CU_MEM_ACCESS_FLAGS_PROT_READ
+        if read_only
+        else flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+    )
     return desc
 
 
@@ -147,6 +154,10 @@ class CudaBackend(MemoryBackend):
     device reports VMM GPUDirect RDMA support; ``True`` requires it; ``False``
     never sets it. ``synchronize_before_unmap`` runs ``cuCtxSynchronize``
     before a batch of unmaps so no in-flight kernel reads freed memory.
+
+    An unmapped chunk is *retired* (see ``MemoryBackend``): its own memory is
+    released, and one shared zero chunk is mapped read-only in its place, so a
+    late read of it sees zeros and a write faults.
     """
 
     def __init__(
@@ -173,6 +184,9 @@ class CudaBackend(MemoryBackend):
         self._handle_type = handle_type
         self._sync = synchronize_before_unmap
         self._handles: dict[int, tuple[Any, int]] = {}
+        # Retired ranges (offset -> nbytes), all mapped to one zero chunk.
+        self._retired: dict[int, int] = {}
+        self._zero: tuple[Any, int] | None = None
         self._base = 0
         self._nbytes = 0
         self._ctx: Any = None
@@ -246,6 +260,7 @@ class CudaBackend(MemoryBackend):
             drv, self._ordinal, self._handle_type, self._rdma
         )
         self._access = build_access_desc(drv, self._ordinal)
+        self._read_only = build_access_desc(drv, self._ordinal, read_only=True)
         with self._current():
             self._granularity = int(
                 check(
@@ -330,6 +345,11 @@ class CudaBackend(MemoryBackend):
         drv = self._drv
         addr = self._base + offset
         with self._current():
+            if offset in self._retired:
+                check(
+                    drv.cuMemUnmap(addr, self._retired.pop(offset)),
+                    f"cuMemUnmap(0x{addr:x}) of a retired range",
+                )
             handle = check(
                 drv.cuMemCreate(nbytes, self._prop, 0), f"cuMemCreate({nbytes})"
             )
@@ -369,6 +389,39 @@ class CudaBackend(MemoryBackend):
             )
             del self._handles[offset]
             check(self._drv.cuMemRelease(entry[0]), f"cuMemRelease(offset {offset})")
+            self._retire(addr, nbytes)
+            self._retired[offset] = nbytes
+
+    def _retire(self, addr: int, nbytes: int) -> None:
+        """Map the shared zero chunk read-only over ``[addr, +nbytes)``; the
+        first time, create it and fill it with zeros through this mapping."""
+        drv = self._drv
+        fill = self._zero is None
+        if self._zero is None:
+            handle = check(
+                drv.cuMemCreate(nbytes, self._prop, 0), f"cuMemCreate({nbytes}) zero"
+            )
+            self._zero = (handle, nbytes)
+        handle, size = self._zero
+        if size != nbytes:
+            raise KVMemoryError(
+                f"CudaBackend: retiring {nbytes} bytes with a {size}-byte zero chunk"
+            )
+        check(
+            drv.cuMemMap(addr, nbytes, 0, handle, 0),
+            f"cuMemMap(0x{addr:x}, {nbytes}) zero",
+        )
+        if fill:
+            check(
+                drv.cuMemSetAccess(addr, nbytes, [self._access], 1),
+                f"cuMemSetAccess(0x{addr:x}) zero fill",
+            )
+            check(drv.cuMemsetD8(addr, 0, nbytes), f"cuMemsetD8(0x{addr:x}, 0)")
+            check(drv.cuCtxSynchronize(), "cuCtxSynchronize after zero fill")
+        check(
+            drv.cuMemSetAccess(addr, nbytes, [self._read_only], 1),
+            f"cuMemSetAccess(0x{addr:x}, {nbytes}, READ)",
+        )
 
     def free(self) -> None:
         if self._ctx is None:
@@ -377,11 +430,30 @@ class CudaBackend(MemoryBackend):
         if self._handles:
             with contextlib.suppress(Exception):
                 self.quiesce()
-        for offset, (_, nbytes) in sorted(self._handles.items()):
+        for offset, (handle, nbytes) in sorted(self._handles.items()):
             try:
-                self.unmap(offset, nbytes)
+                with self._current():
+                    addr = self._base + offset
+                    check(self._drv.cuMemUnmap(addr, nbytes), f"cuMemUnmap(0x{addr:x})")
+                    check(self._drv.cuMemRelease(handle), "cuMemRelease")
             except Exception as exc:
                 errors.append(exc)
+        self._handles.clear()
+        for offset, nbytes in sorted(self._retired.items()):
+            try:
+                with self._current():
+                    addr = self._base + offset
+                    check(self._drv.cuMemUnmap(addr, nbytes), f"cuMemUnmap(0x{addr:x})")
+            except Exception as exc:
+                errors.append(exc)
+        self._retired.clear()
+        if self._zero is not None:
+            try:
+                with self._current():
+                    check(self._drv.cuMemRelease(self._zero[0]), "cuMemRelease zero")
+            except Exception as exc:
+                errors.append(exc)
+            self._zero = None
         if self._base:
             try:
                 with self._current():

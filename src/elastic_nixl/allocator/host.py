@@ -4,8 +4,12 @@ The reservation is ``mmap(PROT_NONE, MAP_NORESERVE)``: address space only,
 no memory, and touching it faults (SIGSEGV), exactly like touching an
 unmapped VMM range on a GPU. Mapping a chunk is ``mprotect(READ|WRITE)``;
 unmapping is ``madvise(MADV_DONTNEED)`` (the pages really go back to the
-kernel) then ``mprotect(PROT_NONE)`` (touching faults again). This lets
-CPU-only machines run the allocator and NIXL's DRAM path for real.
+kernel) then ``mprotect(PROT_READ)``: the chunk is *retired*, so writes fault
+and reads see the kernel's zero page, which costs no memory. A peer holding a
+NIXL key to the chunk from before (a read that arrives after its lease
+expired) reads zeros instead of killing this process: deregistering memory
+does not revoke those keys (see :class:`~elastic_nixl.allocator.backend.MemoryBackend`).
+This lets CPU-only machines run the allocator and NIXL's DRAM path for real.
 
 Python's ``mmap`` module cannot map ``PROT_NONE`` or expose a raw address,
 so the calls go through libc with ctypes.
@@ -146,8 +150,8 @@ class HostBackend(MemoryBackend):
         addr = self._range(offset, nbytes)
         if self._libc.madvise(addr, nbytes, MADV_DONTNEED):
             raise self._fail(f"madvise(0x{addr:x}, {nbytes}, MADV_DONTNEED)")
-        if self._libc.mprotect(addr, nbytes, PROT_NONE):
-            raise self._fail(f"mprotect(0x{addr:x}, {nbytes}, PROT_NONE)")
+        if self._libc.mprotect(addr, nbytes, PROT_READ):
+            raise self._fail(f"mprotect(0x{addr:x}, {nbytes}, PROT_READ)")
 
     def resident_bytes(self, offset: int = 0, nbytes: int | None = None) -> int:
         """Bytes of ``[offset, +nbytes)`` resident in RAM (``mincore``)."""

@@ -73,7 +73,9 @@ class HandshakeWorker(NixlPullConnectorWorker):
         for rank in self.transfer_topo.handshake_target_ranks(
             remote_tp_size, remote_dcp_size
         ):
-            _, meta = decode_agent_metadata(fetch_handshake(host, port, 0, rank))
+            _, meta = decode_agent_metadata(
+                fetch_handshake(host, port, 0, rank), f"{host}:{port}"
+            )
             self.peers.stash((expected_engine_id, rank), meta, host, port)
         return super()._nixl_handshake(
             host,
@@ -190,25 +192,44 @@ class HandshakeWorker(NixlPullConnectorWorker):
         self.dst_xfer_side_handles[engine_id][remote_tp_rank] = PER_REQUEST_HANDLE
         return name
 
-    def _refresh_peer(self, engine_id: EngineId, rank: int) -> PeerView:
-        """Re-read a peer's metadata and hand NIXL its new registrations."""
+    def _fetch_peer(self, engine_id: EngineId, rank: int) -> ElasticAgentMetadata:
+        """A peer's current metadata, fetched and validated (handshake thread:
+        it waits on the network; NIXL is not touched)."""
         view = self.peers.get((engine_id, rank))
-        _, meta = decode_agent_metadata(fetch_handshake(view.host, view.port, 0, rank))
+        source = f"{view.host}:{view.port}"
+        _, meta = decode_agent_metadata(
+            fetch_handshake(view.host, view.port, 0, rank), source
+        )
         if meta.engine_id != engine_id:
             raise RuntimeError(
-                f"peer at {view.host}:{view.port} is now engine {meta.engine_id}, "
-                f"expected {engine_id}"
+                f"peer at {source} is now engine {meta.engine_id}, expected "
+                f"{engine_id}"
             )
+        return meta
+
+    def _apply_peer(
+        self, engine_id: EngineId, rank: int, meta: ElasticAgentMetadata, *, idle: bool
+    ) -> PeerView:
+        """Hand NIXL a peer's new registrations and keep its new view (engine
+        thread, so no read is posted meanwhile).
+
+        NIXL adds a known agent's new regions to its old ones, so registrations
+        the peer dropped would stay usable here; when no read to the peer is in
+        flight (``idle``) the old agent is removed first.
+        """
+        view = self.peers.get((engine_id, rank))
+        if idle:
+            self.nixl_wrapper.remove_remote_agent(view.agent_name)
         self.nixl_wrapper.add_remote_agent(meta.agent_metadata)
         fresh = PeerView.from_metadata(meta, view.agent_name, view.host, view.port)
-        fresh.refreshed_for = view.refreshed_for
         self.peers.put((engine_id, rank), fresh)
         logger.info(
-            "ElasticNixlConnector: refreshed engine %s rank %d: epoch %d -> %d",
+            "ElasticNixlConnector: refreshed engine %s rank %d: epoch %d -> %d%s",
             engine_id,
             rank,
             view.epoch,
             fresh.epoch,
+            "" if idle else " (old registrations kept: reads in flight)",
         )
         return fresh
 

@@ -14,7 +14,7 @@ writes it and the engine thread reads it.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgspec
 import zmq
@@ -48,7 +48,6 @@ class PeerView:
     extents: ExtentIndex
     host: str = ""
     port: int = 0
-    refreshed_for: set[str] = field(default_factory=set)
     staging: StagingOffer | None = None
 
     @classmethod
@@ -56,22 +55,26 @@ class PeerView:
         cls, meta: NixlAgentMetadata, agent_name: str, host: str, port: int
     ) -> PeerView:
         """The view a handshake payload describes."""
+        ext = meta if isinstance(meta, ElasticAgentMetadata) else None
+        counts = meta.region_num_blocks or [meta.num_blocks] * len(
+            meta.kv_caches_base_addr
+        )
+        capacity = ext.virtual_num_blocks if ext is not None else None
         regions = [
-            RegionGeometry(base, block_len, stride)
-            for base, block_len, stride in zip(
+            RegionGeometry(base, block_len, stride, capacity or count)
+            for base, block_len, stride, count in zip(
                 meta.kv_caches_base_addr,
                 meta.block_lens,
                 meta.block_strides,
+                counts,
                 strict=True,
             )
         ]
-        ext = meta if isinstance(meta, ElasticAgentMetadata) else None
         if ext is not None and ext.registered_extents is not None:
             spans = [(int(b), int(n)) for b, n in ext.registered_extents]
             elastic = True
             epoch = ext.elastic_epoch or 0
         else:
-            counts = meta.region_num_blocks or [meta.num_blocks] * len(regions)
             spans = [
                 (g.base, n * g.block_stride)
                 for g, n in zip(regions, counts, strict=True)

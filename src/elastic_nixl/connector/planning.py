@@ -104,11 +104,14 @@ def plan_registration(
 
 @dataclass(frozen=True)
 class RegionGeometry:
-    """One transfer region: block ``b`` is ``[base + b*block_stride, +block_len)``."""
+    """One transfer region: block ``b`` is ``[base + b*block_stride, +block_len)``
+    for ``0 <= b < num_blocks`` (None: unbounded, for callers that check ids
+    themselves)."""
 
     base: int
     block_len: int
     block_stride: int
+    num_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_len <= 0 or self.block_stride < self.block_len:
@@ -116,12 +119,28 @@ class RegionGeometry:
                 f"region at {self.base:#x}: block_len={self.block_len} "
                 f"block_stride={self.block_stride} is not a valid geometry"
             )
+        if self.num_blocks is not None and self.num_blocks < 0:
+            raise ValueError(f"region at {self.base:#x}: num_blocks < 0")
+
+    def out_of_range(self, ids: np.ndarray) -> np.ndarray:
+        """Mask of ids that are not blocks of this region (checked before any
+        address arithmetic, which would otherwise wrap in int64)."""
+        bad = ids < 0
+        if self.num_blocks is not None:
+            bad |= ids >= self.num_blocks
+        return bad
 
 
 class DescriptorPlanError(ValueError):
     """A read would touch memory outside what a side has registered."""
 
-    def __init__(self, side: str, region: int, block_ids: Sequence[int]) -> None:
+    def __init__(
+        self,
+        side: str,
+        region: int,
+        block_ids: Sequence[int],
+        what: str = "memory the {side} side registered",
+    ) -> None:
         self.side = side
         self.region = region
         self.block_ids = tuple(block_ids)
@@ -129,7 +148,7 @@ class DescriptorPlanError(ValueError):
         more = f" (+{len(self.block_ids) - 8} more)" if len(self.block_ids) > 8 else ""
         super().__init__(
             f"{side} block(s) {shown}{more} of region {region} lie outside the "
-            f"memory the {side} side registered"
+            + what.format(side=side)
         )
 
 
@@ -234,9 +253,12 @@ def plan_read(
             )
         if len(lids) == 0:
             continue
-        for side, ids in (("local", lids), ("remote", rids)):
-            if (ids < 0).any():
-                raise DescriptorPlanError(side, i, ids[ids < 0].tolist())
+        for side, ids, geom in (("local", lids, lg), ("remote", rids, rg)):
+            bad = geom.out_of_range(ids)
+            if bad.any():
+                raise DescriptorPlanError(
+                    side, i, ids[bad].tolist(), f"{geom.num_blocks} blocks it has"
+                )
         laddr = lg.base + lids * lg.block_stride
         raddr = rg.base + rids * rg.block_stride
         for side, addrs, ids, index in (

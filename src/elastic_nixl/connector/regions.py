@@ -62,7 +62,7 @@ def plan_regions(views: Iterable[LayerView]) -> list[Region]:
         existing = by_base.get(v.data_ptr)
         if existing is None:
             by_base[v.data_ptr] = Region(
-                RegionGeometry(v.data_ptr, v.page_bytes, v.block_stride),
+                RegionGeometry(v.data_ptr, v.page_bytes, v.block_stride, v.num_blocks),
                 v.name,
                 v.group_id,
                 v.num_blocks,
@@ -77,11 +77,12 @@ def plan_regions(views: Iterable[LayerView]) -> list[Region]:
             )
         group = existing.group_id if existing.group_id == v.group_id else SHARED_GROUP
         page = max(existing.geometry.block_len, v.page_bytes)
+        blocks = min(existing.num_blocks, v.num_blocks)
         by_base[v.data_ptr] = Region(
-            RegionGeometry(v.data_ptr, page, v.block_stride),
+            RegionGeometry(v.data_ptr, page, v.block_stride, blocks),
             existing.name,
             group,
-            min(existing.num_blocks, v.num_blocks),
+            blocks,
             existing.is_mla or v.is_mla,
         )
     return [by_base[b] for b in order]

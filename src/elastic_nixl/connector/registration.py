@@ -40,6 +40,8 @@ class ExtentRegistrar:
         self._backends = backends
         self._registered: dict[Span, Any] = {}
         self._lock = threading.RLock()
+        # Bumped on every change, so derived views can be cached between.
+        self.version = 0
         self.stats = stats if stats is not None else RegistrationStats()
 
     @property
@@ -52,6 +54,7 @@ class ExtentRegistrar:
         """Register what is mapped and not registered; drop what went away."""
         extents = {(e.base, e.nbytes): e for e in memory.mapped_extents()}
         with self._lock:
+            self.version += 1
             plan = plan_registration(self._registered, extents)
             for span in plan.deregister:
                 self._deregister(span)
@@ -59,16 +62,19 @@ class ExtentRegistrar:
                 self._register(extents[span])
         return plan
 
-    def on_event(self, event: MappingEvent, memory: KVMemory) -> None:
-        """Allocator listener: UNMAPPING arrives while the memory is still
-        mapped, so it is deregistered before it goes; MAPPED after mapping."""
+    def on_event(self, event: MappingEvent) -> None:
+        """Allocator listener, O(the change): UNMAPPING arrives while the
+        memory is still mapped, so it is deregistered before it goes; MAPPED
+        after mapping, so it is registered."""
         with self._lock:
-            if event.kind is MappingEventKind.UNMAPPING:
-                for e in event.extents:
-                    if (e.base, e.nbytes) in self._registered:
-                        self._deregister((e.base, e.nbytes))
-            else:
-                self.sync(memory)
+            self.version += 1
+            for e in event.extents:
+                span = (e.base, e.nbytes)
+                if event.kind is MappingEventKind.UNMAPPING:
+                    if span in self._registered:
+                        self._deregister(span)
+                elif span not in self._registered:
+                    self._register(e)
 
     def close(self) -> None:
         """Deregister everything."""

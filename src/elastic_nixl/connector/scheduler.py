@@ -1,6 +1,10 @@
 """Scheduler side of ElasticNixlConnector.
 
-Adds three things to vLLM's ``NixlPullConnectorScheduler``:
+Adds four things to vLLM's ``NixlPullConnectorScheduler``:
+
+* a consumer request's ``kv_transfer_params`` are validated when the request
+  arrives, before vLLM's code reads them; a bad one fails that request alone
+  (through the worker and vLLM's ``kv_load_failure_policy``), never the engine;
 
 * the side channel serves the worker's *current* handshake payload, which
   changes when the elastic memory grows or shrinks;
@@ -27,17 +31,41 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import (
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_scheduler import (
     NixlPullConnectorScheduler,
 )
+from vllm.logger import init_logger
 
 from elastic_nixl.connector.metadata import (
     EPOCH_PARAM,
     ElasticConnectorMetadata,
     ElasticWorkerMetadata,
+    parse_consumer_params,
 )
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+
+logger = init_logger(__name__)
+
+# What a refused request's kv_transfer_params become: enough for vLLM to park
+# it waiting for KV (so its failure is reported as a failed receive), nothing
+# that vLLM would act on (no engine to contact, no heartbeat).
+_REFUSED_PARAMS: dict[str, Any] = {
+    "do_remote_prefill": True,
+    "remote_engine_id": None,
+    "remote_request_id": None,
+    "remote_host": None,
+    "remote_port": None,
+    "remote_block_ids": [[]],
+}
+
+
+def _reads_remote_kv(params: dict[str, Any]) -> bool:
+    """Whether vLLM would pull KV for a request with these params."""
+    return bool(params.get("do_remote_prefill")) or bool(
+        params.get("do_remote_decode") and params.get("remote_block_ids")
+    )
 
 
 class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
@@ -47,6 +75,32 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
         self._served_payloads: dict[tuple[int, int], bytes] = {}
         self._producer_epoch = 0
         self._blocks_to_lease: dict[str, list[int]] = {}
+        # Consumer: validated producer epoch per request, and refusals.
+        self._epochs: dict[str, int] = {}
+        self._refused: dict[str, str] = {}
+
+    def on_new_request(self, request: Request) -> None:
+        """Validate ``kv_transfer_params`` before vLLM reads them."""
+        params = request.kv_transfer_params
+        if isinstance(params, dict) and _reads_remote_kv(params):
+            try:
+                parsed = parse_consumer_params(params, request.request_id)
+            except ValueError as e:
+                logger.error("ElasticNixlConnector: %s; the request fails alone", e)
+                self._refused[request.request_id] = str(e)
+                request.kv_transfer_params = dict(_REFUSED_PARAMS)
+            else:
+                if parsed.elastic_nixl_epoch is not None:
+                    self._epochs[request.request_id] = parsed.elastic_nixl_epoch
+        elif params is not None and not isinstance(params, dict):
+            logger.error(
+                "ElasticNixlConnector: request %s: kv_transfer_params must be an "
+                "object, got %s; ignored",
+                request.request_id,
+                type(params).__name__,
+            )
+            request.kv_transfer_params = None
+        super().on_new_request(request)
 
     def set_xfer_handshake_metadata(
         self, metadata: dict[tuple[int, int], KVConnectorHandshakeMetadata]
@@ -93,11 +147,39 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
         """The newest mapping epoch this engine's worker reported."""
         return self._producer_epoch
 
+    def build_connector_meta(
+        self, scheduler_output: SchedulerOutput
+    ) -> KVConnectorMetadata:
+        """vLLM's metadata plus the epochs reads need, the blocks to pin and
+        the requests refused at the boundary."""
+        # Refused requests still go through vLLM's bookkeeping (their params
+        # are harmless now), so that the worker can fail them as reads.
+        refused: dict[str, str] = {}
+        for req_id in self._reqs_need_recv:
+            why = self._refused.pop(req_id, None)
+            if why is not None:
+                refused[req_id] = why
+        epochs = {
+            req_id: self._epochs.pop(req_id)
+            for req_id in self._reqs_need_recv
+            if req_id in self._epochs
+        }
+        base = super().build_connector_meta(scheduler_output)
+        assert isinstance(base, NixlConnectorMetadata)
+        meta = ElasticConnectorMetadata.extend(base)
+        meta.required_epochs = epochs
+        meta.blocks_to_lease = self._blocks_to_lease
+        meta.invalid_params = refused
+        self._blocks_to_lease = {}
+        return meta
+
     def request_finished(
         self, request: Request, block_ids: Any
     ) -> tuple[bool, dict[str, Any] | None]:
         """vLLM's answer, plus our epoch in ``kv_transfer_params`` and the
         request's blocks queued for the worker to pin until they are read."""
+        self._epochs.pop(request.request_id, None)
+        self._refused.pop(request.request_id, None)
         delay_free, params = super().request_finished(request, block_ids)
         if delay_free and params is not None:
             params[EPOCH_PARAM] = self._producer_epoch
@@ -105,20 +187,3 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
                 {b for group in block_ids for b in group}
             )
         return delay_free, params
-
-    def build_connector_meta(
-        self, scheduler_output: SchedulerOutput
-    ) -> KVConnectorMetadata:
-        """vLLM's metadata plus the epochs reads need and the blocks to pin."""
-        epochs = {
-            req_id: int(req.kv_transfer_params[EPOCH_PARAM])
-            for req_id, (req, *_rest) in self._reqs_need_recv.items()
-            if req.kv_transfer_params and EPOCH_PARAM in req.kv_transfer_params
-        }
-        base = super().build_connector_meta(scheduler_output)
-        assert isinstance(base, NixlConnectorMetadata)
-        meta = ElasticConnectorMetadata.extend(base)
-        meta.required_epochs = epochs
-        meta.blocks_to_lease = self._blocks_to_lease
-        self._blocks_to_lease = {}
-        return meta

@@ -11,6 +11,7 @@ ones back into vLLM's bookkeeping.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -39,6 +40,34 @@ class StagedResult:
     producer_agent: str  # the producer's vLLM agent, for the completion notif
     notif_id: bytes
     error: str | None
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device`` now (host: MemAvailable)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def check_staging_memory(
+    settings: ElasticNixlSettings, slot_blocks: int, bytes_per_block: int, free: int
+) -> int:
+    """The bytes one side's slots take; ``ValueError`` naming the settings when
+    they do not fit in ``free`` bytes of the device."""
+    total = settings.staging_slots * slot_blocks * bytes_per_block
+    if total > free:
+        raise ValueError(
+            f"kv_connector_extra_config staging_slots={settings.staging_slots} x "
+            f"staging_slot_bytes={settings.staging_slot_bytes} needs {total} bytes "
+            f"of bounce slots ({slot_blocks} block(s) of {bytes_per_block} bytes a "
+            f"slot), but the device has {free} bytes free; lower staging_slots or "
+            "staging_slot_bytes"
+        )
+    return total
 
 
 def region_views(
@@ -102,7 +131,13 @@ class StagedLink:
         return agent
 
     def _slot_blocks(self, views: Sequence[torch.Tensor]) -> int:
-        return self._settings.staging_slot_blocks(sum(int(v.shape[1]) for v in views))
+        """Blocks a slot holds; refuses slots the device has no room for."""
+        per_block = sum(int(v.shape[1]) for v in views)
+        blocks = self._settings.staging_slot_blocks(per_block)
+        check_staging_memory(
+            self._settings, blocks, per_block, free_memory(views[0].device)
+        )
+        return blocks
 
     @property
     def offer(self) -> StagingOffer | None:
@@ -118,6 +153,7 @@ class StagedLink:
             self._slot_blocks(views),
             self._settings.staging_slots,
             memory.capabilities.memory_kind.nixl_mem_type,
+            slot_timeout_s=self._settings.staging_timeout_s,
         )
         logger.info(
             "ElasticNixlConnector: staging server up, %d slot(s) of %d block(s) "
@@ -135,6 +171,7 @@ class StagedLink:
                 self._slot_blocks(views),
                 self._settings.staging_slots,
                 mem_type,
+                timeout_s=self._settings.staging_timeout_s,
             )
             logger.info(
                 "ElasticNixlConnector: staged reader up, %d slot(s) of %d block(s)",

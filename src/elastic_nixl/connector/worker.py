@@ -128,7 +128,15 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
         self._reg_lock = threading.RLock()
         self._unsubscribe: Callable[[], None] | None = None
         self._reported_epoch = -1
+        self._handshake_stale = False
+        self._extent_index: tuple[int, ExtentIndex] | None = None
         self._required_epochs: dict[str, int] = {}
+        # Consumer: requests the scheduler refused (bad kv_transfer_params),
+        # requests already refreshed for once, and peer metadata fetched for
+        # a refresh, waiting to be applied on the engine thread.
+        self._refused_reads: dict[str, str] = {}
+        self._refreshed_for: set[str] = set()
+        self._fetched_for_refresh: dict[EngineId, list[tuple[int, Any]]] = {}
         self._send_leases: dict[str, Lease] = {}
         self._recv_leases: dict[str, Lease] = {}
         # Staged path: our own NIXL agents, each driven by its own thread.
@@ -312,15 +320,17 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
         )
 
     def _on_mapping_event(self, event: MappingEvent) -> None:
-        """Follow the allocator, then describe the new state to peers."""
-        assert self.memory is not None
+        """Follow the allocator, O(the change): (de)register what changed; the
+        description peers read is rebuilt once per engine step, not per event
+        (:meth:`build_worker_meta`)."""
         with self._reg_lock:
-            self._registrar.on_event(event, self.memory)
-            self._publish_handshake()
+            self._registrar.on_event(event)
+            self._handshake_stale = True
 
     def _publish_handshake(self) -> None:
         """Rebuild the handshake payload from what is registered now."""
         assert self.memory is not None and self.compat_hash is not None
+        self._handshake_stale = False
         extents = self._registrar.spans
         prefix = mapped_prefix_blocks(self._regions, Runs.from_spans(extents).spans())
         self.region_num_blocks = [prefix] * self.num_regions
@@ -355,7 +365,7 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
             pcp_size=self.pcp_size,
             region_members=self.region_members,
             elastic_epoch=self.memory.epoch,
-            registered_extents=[(b, n) for b, n in extents],
+            registered_extents=extents,
             virtual_num_blocks=min(r.num_blocks for r in self._regions),
             staging=self.staged.offer,
         )
@@ -370,6 +380,8 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
         if not self.elastic or self.memory is None:
             return None
         with self._reg_lock:
+            if self._handshake_stale:
+                self._publish_handshake()
             epoch = self.memory.epoch
             if epoch == self._reported_epoch or self.xfer_handshake_metadata is None:
                 return None
@@ -468,6 +480,7 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
         then start vLLM's reads."""
         if isinstance(metadata, ElasticConnectorMetadata):
             self._required_epochs.update(metadata.required_epochs)
+            self._refused_reads.update(metadata.invalid_params)
             for req_id, block_ids in metadata.blocks_to_lease.items():
                 self._lease_for_send(req_id, block_ids)
         super().start_load_kv(metadata)
@@ -483,8 +496,18 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
             logger.error("ElasticNixlConnector: cannot pin blocks of %s: %s", req_id, e)
 
     def _read_blocks_for_req(self, req_id: str, meta: ReqMeta) -> None:
+        refused = self._refused_reads.pop(req_id, None)
+        if refused is not None:
+            # vLLM tracks the request as a receive: fail it as one, alone.
+            self.elastic_stats.refused_reads += 1
+            self._log_failure(
+                failure_type="invalid_kv_transfer_params", req_id=req_id, msg=refused
+            )
+            self._failed_recv_reqs.put(req_id)
+            return
         assert meta.remote is not None
         engine_id = meta.remote.engine_id
+        self._apply_fetched(engine_id)
         view = (
             self.peers.any_rank(engine_id) if engine_id in self._remote_agents else None
         )
@@ -492,14 +515,26 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
             view is not None
             and view.elastic
             and not self._reads_staged(view)  # the producer checks, not us
-            and req_id not in view.refreshed_for
+            and req_id not in self._refreshed_for
         ):
             needed = self._required_epochs.get(req_id, 0)
             if needed > view.epoch or self._remote_blocks_unknown(view, meta):
-                view.refreshed_for.add(req_id)
+                self._refreshed_for.add(req_id)
                 self._refresh_then_read(req_id, meta, engine_id)
                 return
-        super()._read_blocks_for_req(req_id, meta)
+        try:
+            super()._read_blocks_for_req(req_id, meta)
+        except Exception as e:  # noqa: BLE001 - one request, not the engine
+            # vLLM's own code raises on shapes it cannot map (e.g. fewer remote
+            # blocks than local ones once block sizes are accounted for).
+            self.elastic_stats.refused_reads += 1
+            self._log_failure(
+                failure_type="invalid_kv_transfer_params",
+                req_id=req_id,
+                msg=f"{type(e).__name__}: {e}",
+                meta=meta,
+            )
+            self._failed_recv_reqs.put(req_id)
 
     def _remote_blocks_unknown(self, view: PeerView, meta: ReqMeta) -> bool:
         """Whether the request names remote blocks outside what we know the peer
@@ -511,30 +546,28 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
             if gid >= len(meta.remote.block_ids):
                 continue
             ids = np.asarray(meta.remote.block_ids[gid], dtype=np.int64)
-            if (
-                len(ids)
-                and view.extents.uncovered(
-                    g.base + ids * g.block_stride, g.block_len
-                ).any()
-            ):
+            if not len(ids):
+                continue
+            if g.out_of_range(ids).any():
+                return True  # beyond its capacity: the read will be refused
+            if view.extents.uncovered(g.base + ids * g.block_stride, g.block_len).any():
                 return True
         return False
 
     def _refresh_then_read(
         self, req_id: str, meta: ReqMeta, engine_id: EngineId
     ) -> None:
-        """Refresh on the handshake thread (NIXL is driven by one background
-        thread), then queue the read for the next start_load_kv."""
+        """Fetch the peer's metadata on the handshake thread (it waits on the
+        network), then queue the read; the engine thread applies what was
+        fetched before it reads (:meth:`_apply_fetched`)."""
         ranks = self.peers.ranks(engine_id)
 
-        def refresh() -> None:
-            for rank in ranks:
-                self._refresh_peer(engine_id, rank)
-                self.elastic_stats.refreshes += 1
+        def fetch() -> list[tuple[int, Any]]:
+            return [(rank, self._fetch_peer(engine_id, rank)) for rank in ranks]
 
         def done(fut: Any) -> None:
             try:
-                fut.result()
+                fetched = fut.result()
             except Exception as e:  # noqa: BLE001 - reported through vLLM's path
                 self._log_failure(
                     failure_type="elastic_refresh_failed",
@@ -542,11 +575,30 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
                     msg=str(e),
                     meta=meta,
                 )
+            else:
+                with self._reg_lock:
+                    self._fetched_for_refresh[engine_id] = fetched
             # Read either way: a read that still names unknown blocks is
             # refused in _read_blocks with a message naming them.
             self._ready_requests.put((req_id, meta))
 
-        self._handshake_initiation_executor.submit(refresh).add_done_callback(done)
+        self._handshake_initiation_executor.submit(fetch).add_done_callback(done)
+
+    def _apply_fetched(self, engine_id: EngineId) -> None:
+        with self._reg_lock:
+            fetched = self._fetched_for_refresh.pop(engine_id, None)
+        if not fetched:
+            return
+        idle = not any(
+            handles
+            and (m := self._recving_metadata.get(r)) is not None
+            and m.remote is not None
+            and m.remote.engine_id == engine_id
+            for r, handles in self._recving_transfers.items()
+        )
+        for rank, peer_meta in fetched:
+            self._apply_peer(engine_id, rank, peer_meta, idle=idle)
+            self.elastic_stats.refreshes += 1
 
     def _read_blocks(
         self,
@@ -653,9 +705,11 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
         return types.pop()
 
     def _local_geometry(self) -> list[RegionGeometry]:
+        if self.elastic:
+            return [r.geometry for r in self._regions]
         bases = self.kv_caches_base_addr[self.engine_id][self.tp_rank]
         return [
-            RegionGeometry(b, n, s)
+            RegionGeometry(b, n, s, self.num_blocks)
             for b, n, s in zip(
                 bases,
                 self.block_len_per_layer,
@@ -666,7 +720,13 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
 
     def _local_extents(self) -> ExtentIndex:
         if self.elastic:
-            return ExtentIndex.build(self._registrar.spans)
+            # Rebuilt only after registrations changed, not on every read.
+            with self._reg_lock:
+                version = self._registrar.version
+                if self._extent_index is None or self._extent_index[0] != version:
+                    index = ExtentIndex.build(self._registrar.spans)
+                    self._extent_index = (version, index)
+                return self._extent_index[1]
         assert self.memory is not None
         return ExtentIndex.build(
             (e.base, e.nbytes) for e in self.memory.mapped_extents()
@@ -694,6 +754,7 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
         for req_id in results.finished_recving:
             self._release_recv_lease(req_id)
             self._required_epochs.pop(req_id, None)
+            self._refreshed_for.discard(req_id)
         return results
 
     def _release_recv_lease(self, req_id: str) -> None:

@@ -24,7 +24,7 @@ import torch
 from elastic_nixl.capabilities import KVMemoryError
 from elastic_nixl.memory.cuda import describe_cuda_pointer
 from elastic_nixl.staging.buffer import StagingBuffer, as_bytes
-from elastic_nixl.staging.protocol import Message, encode
+from elastic_nixl.staging.protocol import Message, decode, encode
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,8 @@ class StagingStats:
     bytes: int = 0
     transfers: int = 0
     failures: int = 0
+    # Messages dropped: undecodable, or matching no transfer, chunk or slot.
+    rejected_messages: int = 0
 
 
 class StagingEndpoint:
@@ -166,6 +168,36 @@ class StagingEndpoint:
     def step(self) -> bool:
         """One pass over notifications and in-flight work; True when busy."""
         raise NotImplementedError
+
+    def handle(self, peer: str, msg: Message) -> None:
+        """Act on one decoded message from ``peer``."""
+        raise NotImplementedError
+
+    def drain_notifications(self) -> None:
+        """Decode and handle every new notification, each on its own: one bad
+        message is dropped (and counted) without touching the rest."""
+        for peer, msgs in self.agent.get_new_notifs().items():
+            peer = peer.decode() if isinstance(peer, bytes) else str(peer)
+            for raw in msgs:
+                try:
+                    msg = decode(raw)
+                except ValueError as e:
+                    self.reject(peer, str(e))
+                    continue
+                try:
+                    self.handle(peer, msg)
+                except Exception:  # noqa: BLE001 - one message, not the thread
+                    self.stats.rejected_messages += 1
+                    logger.exception(
+                        "%s: handling %r from %s failed", self._thread.name, msg, peer
+                    )
+
+    def reject(self, peer: str, why: str) -> None:
+        """Drop a message that fits no schema or no state, saying why."""
+        self.stats.rejected_messages += 1
+        logger.warning(
+            "%s: dropped a message from %s: %s", self._thread.name, peer, why
+        )
 
     def _halt(self) -> None:
         self._stop.set()

@@ -19,7 +19,7 @@ consumer -> producer  ``Stage(xfer, block_ids, max_blocks, reply_metadata)``
 producer -> consumer  ``Ready(xfer, chunk, slot, num_blocks)`` per chunk, as
                       slots free up; or ``Failed(xfer, reason)``
 consumer READ         remote slot -> local slot; once it completes,
-consumer -> producer  ``Done(xfer, slot)``: the producer reuses the slot
+consumer -> producer  ``Done(xfer, chunk, slot)``: the producer reuses the slot
 consumer -> producer  ``Cancel(xfer)`` when it gives up on a transfer
 ====================  =========================================================
 
@@ -27,29 +27,62 @@ The producer leases the blocks of a transfer for its whole life, so they
 stay mapped while they are gathered, and refuses blocks that are not mapped
 before touching them (a gather from unmapped VMM memory would fault the GPU).
 
+**Every message is untrusted.** It is decoded against the schema below
+(types and ranges: a message that does not fit is dropped, alone) and then
+checked against the state it names: a transfer is ``(sender, xfer)``, a chunk
+is its index, a slot is named with the chunk it holds. So a duplicated,
+forged or out-of-order message matches nothing and is ignored, or fails its
+transfer; it never completes one. A transfer succeeds only when every one of
+its chunks, by index, has arrived.
+
 Nothing here imports vLLM: the same classes run in the connector and in the
 GPU benchmark.
 """
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import msgspec
 
 from elastic_nixl.staging.buffer import SlotGeometry
 
+# Bounds on what a peer may send; generous for real engines, and small enough
+# that no arithmetic on them overflows int64.
+MAX_BLOCK_ID = 1 << 40
+MAX_BLOCKS_PER_TRANSFER = 1 << 20
+MAX_SLOTS = 1024
+MAX_REGIONS = 1 << 12
+MAX_BLOCK_LEN = 1 << 32
+MAX_NAME = 512
+MAX_REASON = 4096
+MAX_METADATA_BYTES = 64 << 20
+_ADDRESS_LIMIT = (1 << 63) - 1
 
-class StagingOffer(msgspec.Struct, frozen=True):
-    """What a producer advertises in its handshake: where its slots are."""
+BlockId = Annotated[int, msgspec.Meta(ge=0, lt=MAX_BLOCK_ID)]
+Count = Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOCKS_PER_TRANSFER)]
+Index = Annotated[int, msgspec.Meta(ge=0, lt=MAX_BLOCKS_PER_TRANSFER)]
+SlotIndex = Annotated[int, msgspec.Meta(ge=0, lt=MAX_SLOTS)]
+Name = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_NAME)]
+Address = Annotated[int, msgspec.Meta(ge=0, le=_ADDRESS_LIMIT)]
 
-    agent_name: str
-    agent_metadata: bytes
-    base: int
-    slots: int
-    slot_blocks: int
-    num_regions: int
-    block_len: int
-    device_id: int
-    mem_type: str
+
+class StagingOffer(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
+    """What a producer advertises in its handshake: where its slots are.
+
+    Decoding checks each field's type and range; :meth:`validate` checks that
+    the slots fit in the address space, naming the field that does not.
+    """
+
+    agent_name: Name
+    agent_metadata: Annotated[bytes, msgspec.Meta(max_length=MAX_METADATA_BYTES)]
+    base: Address
+    slots: Annotated[int, msgspec.Meta(ge=1, le=MAX_SLOTS)]
+    slot_blocks: Count
+    num_regions: Annotated[int, msgspec.Meta(ge=1, le=MAX_REGIONS)]
+    block_len: Annotated[int, msgspec.Meta(ge=1, le=MAX_BLOCK_LEN)]
+    device_id: Annotated[int, msgspec.Meta(ge=0, le=1 << 16)]
+    mem_type: Literal["DRAM", "VRAM"]
 
     @property
     def geometry(self) -> SlotGeometry:
@@ -57,36 +90,60 @@ class StagingOffer(msgspec.Struct, frozen=True):
             self.base, self.num_regions, self.slot_blocks, self.block_len, self.slots
         )
 
+    def validate(self) -> StagingOffer:
+        """``self``, or ``ValueError`` naming the field that is out of range or
+        the slots that overflow the address space. (Decoding checks ranges;
+        an offer built in Python is checked here.)"""
+        try:
+            msgspec.convert(msgspec.to_builtins(self), type=StagingOffer)
+        except msgspec.ValidationError as e:
+            raise ValueError(
+                f"staging offer of agent {self.agent_name!r}: {e}"
+            ) from None
+        end = self.base + self.geometry.slot_bytes * self.slots
+        if end > _ADDRESS_LIMIT:
+            raise ValueError(
+                f"staging offer of agent {self.agent_name!r}: base {self.base:#x} "
+                f"+ {self.slots} slots of {self.geometry.slot_bytes} bytes "
+                "overflows the address space"
+            )
+        return self
+
 
 class Stage(msgspec.Struct, tag="stage", frozen=True):
-    xfer: str
-    block_ids: list[int]
+    xfer: Name
+    block_ids: Annotated[
+        list[BlockId], msgspec.Meta(min_length=1, max_length=MAX_BLOCKS_PER_TRANSFER)
+    ]
     # Largest chunk the consumer's own slots hold.
-    max_blocks: int
+    max_blocks: Count
     # The consumer's staging agent metadata, on its first message to a
     # producer agent, so the producer can answer.
-    reply_metadata: bytes | None = None
+    reply_metadata: (
+        Annotated[bytes, msgspec.Meta(max_length=MAX_METADATA_BYTES)] | None
+    ) = None
 
 
 class Ready(msgspec.Struct, tag="ready", frozen=True):
-    xfer: str
-    chunk: int
-    slot: int
-    num_blocks: int
+    xfer: Name
+    chunk: Index
+    slot: SlotIndex
+    num_blocks: Count
 
 
 class Failed(msgspec.Struct, tag="failed", frozen=True):
-    xfer: str
-    reason: str
+    xfer: Name
+    reason: Annotated[str, msgspec.Meta(max_length=MAX_REASON)]
 
 
 class Done(msgspec.Struct, tag="done", frozen=True):
-    xfer: str
-    slot: int
+    xfer: Name
+    chunk: Index
+    slot: SlotIndex
 
 
 class Cancel(msgspec.Struct, tag="cancel", frozen=True):
-    xfer: str
+    xfer: Name
 
 
 Message = Stage | Ready | Failed | Done | Cancel
@@ -99,9 +156,13 @@ def encode(msg: Message) -> bytes:
     return _encoder.encode(msg)
 
 
-def decode(raw: bytes) -> Message | None:
-    """The message in notification bytes; None for anything else."""
+def decode(raw: bytes) -> Message:
+    """The message in notification bytes.
+
+    Raises ``ValueError`` saying what does not fit the schema (field, type or
+    range) for anything else.
+    """
     try:
         return _decoder.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ValueError(f"malformed staging message ({len(raw)} bytes): {e}") from e

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,26 +34,42 @@ from elastic_nixl.staging.protocol import (
     Ready,
     Stage,
     StagingOffer,
-    decode,
 )
 
 logger = logging.getLogger(__name__)
 
 LeaseFn = Callable[[Sequence[int]], Lease]
+Key = tuple[str, str]  # (consumer staging agent, xfer): one transfer
+# Transfers that ended, remembered so a replayed Stage does not start again.
+_RECENT = 4096
 
 
 @dataclass
 class _Job:
-    peer: str
-    xfer: str
+    key: Key
     chunks: list[list[int]]
     lease: Lease
     next_chunk: int = 0
-    outstanding: set[int] = field(default_factory=set)
+    # slot -> chunk for the slots this job holds (gathering or announced).
+    held: dict[int, int] = field(default_factory=dict)
+    acked: set[int] = field(default_factory=set)
+
+
+@dataclass
+class _Slot:
+    key: Key
+    chunk: int
+    announced: bool  # Ready sent: the consumer may read it, and ack it
+    since: float
 
 
 class StagingServer(StagingEndpoint):
-    """Producer side: gathers requested blocks into slots for consumers."""
+    """Producer side: gathers requested blocks into slots for consumers.
+
+    State is keyed by transfer ``(consumer agent, xfer)``, and each held slot
+    remembers the chunk in it, so ``Done`` frees a slot only when it names
+    the transfer, chunk and slot that are actually there.
+    """
 
     def __init__(
         self,
@@ -70,10 +86,11 @@ class StagingServer(StagingEndpoint):
         super().__init__(agent, region_views, slot_blocks, slots, mem_type, name)
         self._lease = lease
         self._timeout = slot_timeout_s
-        self._jobs: dict[tuple[str, str], _Job] = {}
-        self._order: deque[tuple[str, str]] = deque()
-        self._gathering: list[tuple[torch.cuda.Event | None, _Job, int, int, int]] = []
-        self._slot_owner: dict[int, tuple[tuple[str, str], float]] = {}
+        self._jobs: dict[Key, _Job] = {}
+        self._ended: OrderedDict[Key, None] = OrderedDict()
+        self._order: deque[Key] = deque()
+        self._slot_state: dict[int, _Slot] = {}
+        self._gathering: list[tuple[torch.cuda.Event | None, int]] = []
         self._known_peers: set[str] = set()
         self.offer = StagingOffer(
             agent_name=agent_name(agent),
@@ -84,56 +101,55 @@ class StagingServer(StagingEndpoint):
             num_regions=len(self.views),
             block_len=self.block_len,
             device_id=self.device_id,
-            mem_type=mem_type,
+            mem_type=mem_type,  # type: ignore[arg-type]
         )
         self.start()
 
+    @property
+    def active_transfers(self) -> int:
+        """Transfers holding a lease now."""
+        return len(self._jobs)
+
     def step(self) -> bool:
-        for peer, msgs in self.agent.get_new_notifs().items():
-            peer = peer.decode() if isinstance(peer, bytes) else str(peer)
-            for raw in msgs:
-                self._handle(peer, decode(raw))
+        self.drain_notifications()
         self._finish_gathers()
         self._dispatch()
         self._expire()
         return bool(self._gathering or self._order)
 
-    def _handle(self, peer: str, msg: Message | None) -> None:
+    def handle(self, peer: str, msg: Message) -> None:
         if isinstance(msg, Stage):
             self._on_stage(peer, msg)
         elif isinstance(msg, Done):
-            self._release_slot(msg.slot, (peer, msg.xfer))
+            self._on_done(peer, msg)
         elif isinstance(msg, Cancel):
             job = self._jobs.get((peer, msg.xfer))
             if job is not None:
-                for slot in list(job.outstanding):
-                    self._release_slot(slot, (peer, msg.xfer))
                 self._end(job)
         else:
-            logger.warning("staging server: unexpected message from %s: %r", peer, msg)
+            self.reject(peer, f"{type(msg).__name__} is not a consumer's message")
 
     def _on_stage(self, peer: str, msg: Stage) -> None:
         if msg.reply_metadata is not None and peer not in self._known_peers:
             self.agent.add_remote_agent(msg.reply_metadata)
             self._known_peers.add(peer)
         if peer not in self._known_peers:
-            logger.error(
-                "staging server: Stage %s from unknown agent %s without metadata",
-                msg.xfer,
-                peer,
-            )
+            self.reject(peer, f"Stage {msg.xfer} from an agent that sent no metadata")
             return
         key = (peer, msg.xfer)
+        if key in self._jobs or key in self._ended:
+            # A replay must not take a second lease on the same blocks.
+            self.reject(peer, f"Stage {msg.xfer} repeats a transfer already staged")
+            return
         try:
-            if not msg.block_ids or msg.max_blocks <= 0:
-                raise KVMemoryError("empty staging request")
             lease = self._lease(msg.block_ids)
         except KVMemoryError as e:
             self.stats.failures += 1
+            self._remember(key)
             self.send(peer, Failed(msg.xfer, f"producer cannot stage blocks: {e}"))
             return
         step = min(self.slot_blocks, msg.max_blocks)
-        self._jobs[key] = _Job(peer, msg.xfer, chunk_ids(msg.block_ids, step), lease)
+        self._jobs[key] = _Job(key, chunk_ids(msg.block_ids, step), lease)
         self._order.append(key)
 
     def _dispatch(self) -> None:
@@ -146,66 +162,101 @@ class StagingServer(StagingEndpoint):
             slot = self.free_slots.popleft()
             chunk = job.next_chunk
             job.next_chunk += 1
-            job.outstanding.add(slot)
-            self._slot_owner[slot] = (key, time.monotonic())
-            ids = job.chunks[chunk]
-            event = self.copy_async(self.buffer.gather, ids, slot)
-            self._gathering.append((event, job, chunk, slot, len(ids)))
+            job.held[slot] = chunk
+            self._slot_state[slot] = _Slot(key, chunk, False, time.monotonic())
+            event = self.copy_async(self.buffer.gather, job.chunks[chunk], slot)
+            self._gathering.append((event, slot))
             if job.next_chunk < len(job.chunks):
                 self._order.append(key)
 
     def _finish_gathers(self) -> None:
         pending = []
-        for item in self._gathering:
-            event, job, chunk, slot, n = item
+        for event, slot in self._gathering:
             if not is_done(event):
-                pending.append(item)
+                pending.append((event, slot))
                 continue
+            state = self._slot_state[slot]
+            job = self._jobs.get(state.key)
+            if job is None:  # ended while we gathered: nobody will read it
+                self._free(slot)
+                continue
+            n = len(job.chunks[state.chunk])
+            state.announced = True
+            state.since = time.monotonic()
             self.stats.chunks += 1
             self.stats.blocks += n
             self.stats.bytes += n * self.block_len * len(self.views)
-            self.send(job.peer, Ready(job.xfer, chunk, slot, n))
+            self.send(state.key[0], Ready(state.key[1], state.chunk, slot, n))
         self._gathering = pending
 
-    def _release_slot(self, slot: int, key: tuple[str, str]) -> None:
-        owner = self._slot_owner.get(slot)
-        if owner is None or owner[0] != key:
-            logger.warning(
-                "staging server: %s released slot %d it does not hold", key, slot
+    def _on_done(self, peer: str, msg: Done) -> None:
+        state = self._slot_state.get(msg.slot)
+        key = (peer, msg.xfer)
+        if (
+            state is None
+            or not state.announced
+            or state.key != key
+            or state.chunk != msg.chunk
+        ):
+            self.reject(
+                peer,
+                f"Done for chunk {msg.chunk} in slot {msg.slot} of {msg.xfer}, "
+                "which that slot does not hold",
             )
             return
-        del self._slot_owner[slot]
-        self.free_slots.append(slot)
-        job = self._jobs.get(key)
-        if job is None:
-            return
-        job.outstanding.discard(slot)
-        if job.next_chunk >= len(job.chunks) and not job.outstanding:
+        job = self._jobs[key]
+        self._free(msg.slot)
+        del job.held[msg.slot]
+        job.acked.add(msg.chunk)
+        if len(job.acked) == len(job.chunks):
             self.stats.transfers += 1
             self._end(job)
 
+    def _free(self, slot: int) -> None:
+        del self._slot_state[slot]
+        self.free_slots.append(slot)
+
     def _end(self, job: _Job) -> None:
-        self._jobs.pop((job.peer, job.xfer), None)
+        """Release the job's lease and the slots consumers may no longer read;
+        slots still gathering are freed when their gather finishes."""
+        del self._jobs[job.key]
+        self._remember(job.key)
+        for slot in list(job.held):
+            if self._slot_state[slot].announced:
+                self._free(slot)
+        job.held.clear()
         job.lease.release()
+
+    def _remember(self, key: Key) -> None:
+        self._ended[key] = None
+        while len(self._ended) > _RECENT:
+            self._ended.popitem(last=False)
 
     def _expire(self) -> None:
         """A consumer that vanished mid-transfer must not keep slots forever."""
         now = time.monotonic()
-        gathering = {slot for _, _, _, slot, _ in self._gathering}
-        for slot, (key, since) in list(self._slot_owner.items()):
-            if now - since > self._timeout and slot not in gathering:
-                logger.warning(
-                    "staging server: slot %d held by %s for over %.0f s; reclaimed",
-                    slot,
-                    key,
-                    self._timeout,
-                )
-                job = self._jobs.get(key)
-                self._release_slot(slot, key)
-                if job is not None and key in self._jobs:
-                    for other in list(job.outstanding):
-                        self._release_slot(other, key)
-                    self._end(job)
+        for slot, state in list(self._slot_state.items()):
+            if not state.announced or now - state.since <= self._timeout:
+                continue
+            job = self._jobs.get(state.key)
+            if job is None:
+                continue
+            logger.warning(
+                "staging server: slot %d held by %s for over %.0f s; reclaimed",
+                slot,
+                state.key,
+                self._timeout,
+            )
+            self.stats.failures += 1
+            self.send(
+                state.key[0],
+                Failed(
+                    state.key[1],
+                    f"slot {slot} not acknowledged within "
+                    f"{self._timeout:.0f} s; the producer reclaimed it",
+                ),
+            )
+            self._end(job)
 
     def close(self) -> None:
         super().close()

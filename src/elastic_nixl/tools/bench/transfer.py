@@ -171,7 +171,7 @@ class BenchRank:
 
     def _on_mapping(self, event: Any) -> None:
         t0 = time.perf_counter()
-        self.registrar.on_event(event, self.alloc)
+        self.registrar.on_event(event)
         self.register_s += time.perf_counter() - t0
 
     def _register(self, base: int, nbytes: int) -> None:

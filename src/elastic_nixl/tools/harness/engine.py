@@ -190,6 +190,7 @@ class PDEngine:
             None,
         )
         req.kv_transfer_params = {"do_remote_decode": True}
+        self.scheduler.on_new_request(req)  # as vLLM's Scheduler.add_request
         # vLLM's scheduler tells the connector when it schedules the request;
         # the worker only honours a send it was told about.
         blocks = KVCacheBlocks(([KVCacheBlock(b) for b in block_ids],))
@@ -213,7 +214,9 @@ class PDEngine:
 
         n_tokens = len(block_ids) * self.spec.block_size
         req = Request(req_id, list(range(n_tokens)), SamplingParams(max_tokens=1), None)
-        req.kv_transfer_params = dict(params)
+        # A client may send anything: forward non-dict params unchanged.
+        req.kv_transfer_params = dict(params) if isinstance(params, dict) else params
+        self.scheduler.on_new_request(req)  # as vLLM's Scheduler.add_request
         count, is_async = self.scheduler.get_num_new_matched_tokens(req, 0)
         blocks = KVCacheBlocks(([KVCacheBlock(b) for b in block_ids],))
         self.scheduler.update_state_after_alloc(req, blocks, count or 0)

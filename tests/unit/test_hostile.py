@@ -1,0 +1,770 @@
+"""Input from peers and clients cannot crash, stall or fool an engine.
+
+One test per defect a hostile read of the code found (each failed on the code
+before the fix), then a seeded fuzz run against a producer/consumer pair. The
+staging engine is driven directly, with the test playing the other side by
+hand through mock NIXL agents; the connector through real vLLM classes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import msgspec
+import pytest
+import torch
+
+from conftest import mock_agent, run_until
+from elastic_nixl.connector.metadata import (
+    EPOCH_PARAM,
+    ElasticAgentMetadata,
+    decode_agent_metadata,
+    parse_consumer_params,
+)
+from elastic_nixl.connector.planning import (
+    DescriptorPlanError,
+    ExtentIndex,
+    RegionGeometry,
+    plan_read,
+)
+from elastic_nixl.staging import StagedRead, StagedReader, StagingServer
+from elastic_nixl.staging.protocol import (
+    Cancel,
+    Done,
+    Failed,
+    Ready,
+    Stage,
+    StagingOffer,
+    decode,
+    encode,
+)
+from mock_nixl import MockNixlAgent, MockNixlFabric, nixlNotFoundError
+
+V, P = 20_000, 64
+
+
+class PausableAgent(MockNixlAgent):
+    """A mock agent whose notifications can be held back, so several arrive
+    in one ``get_new_notifs`` batch."""
+
+    paused = False
+
+    def get_new_notifs(self, backends: Any = ()) -> dict[str, list[bytes]]:
+        return {} if self.paused else super().get_new_notifs(backends)
+
+
+class Leases:
+    """A lease function that records what is pinned."""
+
+    def __init__(self) -> None:
+        self.live: list[tuple[int, ...]] = []
+        self.taken = 0
+
+    def __call__(self, ids: Any) -> Any:
+        self.taken += 1
+        ids = tuple(ids)
+        self.live.append(ids)
+        owner = self
+
+        class _Lease:
+            block_ids = ids
+            done = False
+
+            def release(self) -> None:
+                if not self.done:
+                    self.done = True
+                    owner.live.remove(ids)
+
+        return _Lease()
+
+
+def wait(pred: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.005)
+    return pred()
+
+
+def notifs(agent: MockNixlAgent, timeout: float = 5.0) -> list[Any]:
+    """The next batch of decoded messages ``agent`` receives."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        batch = [decode(m) for ms in agent.get_new_notifs().values() for m in ms]
+        if batch:
+            return batch
+        time.sleep(0.005)
+    return []
+
+
+def region(rows: int = 16, page: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 255, (rows, page), dtype=torch.uint8, generator=g)
+
+
+@pytest.fixture
+def producer_side(fabric: MockNixlFabric) -> Iterator[tuple[Any, torch.Tensor]]:
+    """A hand-played producer: an agent with registered slots, and its offer."""
+    agent = mock_agent("forger", fabric)
+    slots = torch.zeros((2, 1, 2, 64), dtype=torch.uint8)  # 2 slots x 2 blocks
+    agent.register_memory(
+        agent.get_reg_descs([(slots.data_ptr(), slots.numel(), 0, "")], "DRAM")
+    )
+    offer = StagingOffer(
+        "forger", agent.get_agent_metadata(), slots.data_ptr(), 2, 2, 1, 64, 0, "DRAM"
+    )
+    yield (agent, offer), slots
+
+
+@pytest.fixture
+def reader(fabric: MockNixlFabric) -> Iterator[tuple[StagedReader, torch.Tensor]]:
+    dst = torch.zeros((16, 64), dtype=torch.uint8)
+    r = StagedReader(mock_agent("reader", fabric), [dst], 2, 2, "DRAM", timeout_s=1.0)
+    yield r, dst
+    r.close()
+
+
+def stage_of(agent: MockNixlAgent) -> Stage:
+    (msg,) = notifs(agent)
+    assert isinstance(msg, Stage)
+    return msg
+
+
+# ---------------------------------------------------------------------------
+# 3. the staged reader trusts Ready
+# ---------------------------------------------------------------------------
+
+
+def test_duplicated_ready_never_completes_with_wrong_data(producer_side, reader):
+    (agent, offer), slots = producer_side
+    r, dst = reader
+    agent.add_remote_agent(r.agent.get_agent_metadata())
+    r.submit(StagedRead("dup", offer, [5, 6, 7, 8], [0, 1, 2, 3]))  # 2 chunks
+    stage = stage_of(agent)
+    slots[0, 0] = 11
+    agent.send_notif("reader", encode(Ready(stage.xfer, 0, 0, 2)))
+    assert isinstance(notifs(agent)[0], Done)
+    # The same chunk again (say, chunk 1's data is not there yet): ignored.
+    slots[0, 0] = 99
+    agent.send_notif("reader", encode(Ready(stage.xfer, 0, 0, 2)))
+    time.sleep(0.2)
+    assert r.poll_results() == [] and r.stats.rejected_messages == 1
+    assert bool((dst[:2] == 11).all())
+    slots[1, 0] = 22
+    agent.send_notif("reader", encode(Ready(stage.xfer, 1, 1, 2)))
+    assert wait(lambda: r.active_transfers == 0)
+    assert r.poll_results() == [("dup", None)]
+    assert bool((dst[2:4] == 22).all()) and bool((dst[:2] == 11).all())
+
+
+def test_ready_for_a_chunk_that_does_not_exist_fails_never_succeeds(
+    producer_side, reader
+):
+    (agent, offer), _ = producer_side
+    r, _ = reader
+    agent.add_remote_agent(r.agent.get_agent_metadata())
+    r.submit(StagedRead("neg", offer, [5, 6], [0, 1]))  # 1 chunk
+    stage = stage_of(agent)
+    # chunk -1 is outside the schema: dropped, never counted as a chunk.
+    raw = msgspec.msgpack.encode(
+        {"type": "ready", "xfer": stage.xfer, "chunk": -1, "slot": 0, "num_blocks": 2}
+    )
+    agent.send_notif("reader", raw)
+    assert wait(lambda: r.stats.rejected_messages == 1)
+    assert r.poll_results() == []
+    # chunk 1 of a one-chunk transfer: a broken producer, the read fails.
+    agent.send_notif("reader", encode(Ready(stage.xfer, 1, 0, 2)))
+    assert wait(lambda: r.active_transfers == 0)
+    ((req, error),) = r.poll_results()
+    assert req == "neg" and "chunk 1 of a 1-chunk transfer" in (error or "")
+    assert any(isinstance(m, Cancel) for m in notifs(agent))
+
+
+def test_messages_from_another_agent_or_transfer_are_ignored(
+    producer_side, reader, fabric
+):
+    (agent, offer), slots = producer_side
+    r, dst = reader
+    agent.add_remote_agent(r.agent.get_agent_metadata())
+    stranger = mock_agent("stranger", fabric)
+    stranger.add_remote_agent(r.agent.get_agent_metadata())
+    r.submit(StagedRead("x", offer, [1, 2], [3, 4]))
+    stage = stage_of(agent)
+    for msg in (
+        Ready(stage.xfer, 0, 0, 2),  # right transfer, wrong sender
+        Failed(stage.xfer, "forged"),
+    ):
+        stranger.send_notif("reader", encode(msg))
+    agent.send_notif("reader", encode(Ready("other#7", 0, 0, 2)))  # not running
+    assert wait(lambda: r.stats.rejected_messages == 3)
+    assert r.poll_results() == [] and r.active_transfers == 1
+    slots[0, 0] = 5
+    agent.send_notif("reader", encode(Ready(stage.xfer, 0, 0, 2)))
+    assert wait(lambda: r.active_transfers == 0)
+    assert r.poll_results() == [("x", None)] and bool((dst[3:5] == 5).all())
+
+
+# ---------------------------------------------------------------------------
+# 3b-5. the staging server: stale Done, batches, duplicated Stage
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(fabric: MockNixlFabric) -> Iterator[tuple[StagingServer, Leases, Any]]:
+    leases = Leases()
+    agent = PausableAgent("server", fabric=fabric)
+    srv = StagingServer(agent, [region()], leases, 1, 1, "DRAM", slot_timeout_s=30)
+    consumer = mock_agent("consumer", fabric)
+    consumer.add_remote_agent(srv.offer.agent_metadata)
+    yield srv, leases, consumer
+    srv.close()
+
+
+def test_a_stale_done_does_not_free_a_slot_holding_a_later_chunk(server):
+    srv, leases, consumer = server
+    md = consumer.get_agent_metadata()
+    consumer.send_notif("server", encode(Stage("t#1", [3, 4], 1, md)))  # 2 chunks
+    (ready0,) = notifs(consumer)
+    assert ready0 == Ready("t#1", 0, 0, 1)
+    consumer.send_notif("server", encode(Done("t#1", 0, 0)))
+    (ready1,) = notifs(consumer)
+    assert ready1 == Ready("t#1", 1, 0, 1)  # the one slot now holds chunk 1
+    consumer.send_notif("server", encode(Done("t#1", 0, 0)))  # duplicated
+    assert wait(lambda: srv.stats.rejected_messages == 1)
+    assert not srv.free_slots and len(leases.live) == 1
+    consumer.send_notif("server", encode(Done("t#1", 1, 0)))
+    assert wait(lambda: not leases.live)
+    assert list(srv.free_slots) == [0] and srv.stats.transfers == 1
+
+
+def test_one_malformed_message_does_not_drop_its_batch(server):
+    srv, leases, consumer = server
+    srv.agent.paused = True
+    md = consumer.get_agent_metadata()
+    consumer.send_notif("server", b"\x93 not a message")
+    bad_stage = {"type": "stage", "xfer": "b#1", "block_ids": [-4], "max_blocks": 1}
+    consumer.send_notif("server", msgspec.msgpack.encode(bad_stage))
+    consumer.send_notif("server", encode(Stage("g#1", [2], 1, md)))
+    srv.agent.paused = False
+    (ready,) = notifs(consumer)
+    assert ready == Ready("g#1", 0, 0, 1)
+    assert srv.stats.rejected_messages == 2
+    consumer.send_notif("server", encode(Done("g#1", 0, 0)))
+    assert wait(lambda: not leases.live and srv.stats.transfers == 1)
+
+
+def test_a_duplicated_stage_takes_no_second_lease(server):
+    srv, leases, consumer = server
+    md = consumer.get_agent_metadata()
+    stage = encode(Stage("d#1", [1, 2], 1, md))
+    consumer.send_notif("server", stage)
+    consumer.send_notif("server", stage)
+    (ready,) = notifs(consumer)
+    assert ready.chunk == 0
+    assert wait(lambda: srv.stats.rejected_messages == 1)
+    assert leases.taken == 1 and srv.active_transfers == 1
+    consumer.send_notif("server", encode(Cancel("d#1")))
+    assert wait(lambda: not leases.live and srv.active_transfers == 0)
+    consumer.send_notif("server", stage)  # a replay after the end
+    assert wait(lambda: srv.stats.rejected_messages == 2)
+    assert leases.taken == 1 and not leases.live
+
+
+def test_close_releases_every_lease(fabric: MockNixlFabric):
+    leases = Leases()
+    srv = StagingServer(mock_agent("s2", fabric), [region()], leases, 1, 1, "DRAM")
+    consumer = mock_agent("c2", fabric)
+    consumer.add_remote_agent(srv.offer.agent_metadata)
+    md = consumer.get_agent_metadata()
+    for i in range(3):
+        consumer.send_notif("s2", encode(Stage(f"j#{i}", [1, 2, 3], 1, md)))
+    assert wait(lambda: leases.taken == 3)
+    srv.close()
+    assert leases.live == []
+
+
+# ---------------------------------------------------------------------------
+# 6. offers from a peer
+# ---------------------------------------------------------------------------
+
+
+def encoded_meta(**over: Any) -> bytes:
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import (
+        NixlHandshakePayload,
+    )
+
+    fields: dict[str, Any] = dict(
+        engine_id="peer",
+        agent_metadata=b"md",
+        kv_caches_base_addr=[1 << 20, 2 << 20],
+        device_id=0,
+        num_blocks=8,
+        block_lens=[4096, 4096],
+        block_strides=[4096, 4096],
+        kv_cache_layout="LBHNC",
+        block_size=32,
+        ssm_sizes=(0, 0),
+        attn_backend_name="x",
+        physical_blocks_per_logical_kv_block=1,
+        elastic_epoch=1,
+        registered_extents=[(1 << 20, 65536)],
+        virtual_num_blocks=16,
+    )
+    fields.update(over)
+    meta = msgspec.msgpack.encode(ElasticAgentMetadata(**fields))
+    return msgspec.msgpack.encode(NixlHandshakePayload("h", meta))
+
+
+@pytest.mark.parametrize(
+    ("over", "needle"),
+    [
+        (
+            dict(staging=StagingOffer("a", b"", 0, 2, 0, 1, 64, 0, "DRAM")),
+            "slot_blocks",
+        ),
+        (dict(staging=StagingOffer("a", b"", 0, 0, 2, 1, 64, 0, "DRAM")), "slots"),
+        (dict(staging=StagingOffer("a", b"", 0, 2, 2, 1, 64, 0, "HBM")), "mem_type"),
+        (
+            dict(
+                staging=StagingOffer("a", b"", (1 << 63) - 100, 2, 2, 1, 64, 0, "DRAM")
+            ),
+            "overflows the address space",
+        ),
+        (dict(elastic_epoch=-1), "elastic_epoch"),
+        (dict(registered_extents=[(0, 100), (50, 100)]), "overlap"),
+        (dict(registered_extents=[(0, 0)]), "registered_extents"),
+        (dict(block_strides=[4096]), "block_strides has 1 entries for 2 regions"),
+        (dict(block_strides=[100, 4096]), "a block must be at least one byte"),
+        (dict(virtual_num_blocks=1 << 39, block_strides=[1 << 30, 4096]), "overflow"),
+        (dict(kv_caches_base_addr=[]), "has 0 regions"),
+    ],
+)
+def test_a_bad_handshake_is_refused_naming_the_field(over: dict, needle: str):
+    with pytest.raises(
+        ValueError, match="from engine 'peer' at 10.0.0.9:5600|10.0.0.9"
+    ):
+        try:
+            decode_agent_metadata(encoded_meta(**over), "10.0.0.9:5600")
+        except ValueError as e:
+            assert needle in str(e), str(e)
+            raise
+
+
+def test_submit_refuses_an_offer_that_does_not_validate(reader):
+    r, _ = reader
+    bad = StagingOffer("p", b"", 0x1000, 2, 0, 1, 64, 0, "DRAM")  # slot_blocks 0
+    with pytest.raises(ValueError, match="slot_blocks"):
+        r.submit(StagedRead("z", bad, [1], [2]))
+    assert r.active_transfers == 0
+
+
+def test_a_changed_offer_is_loaded_again(fabric: MockNixlFabric, reader):
+    r, dst = reader
+    src = region(seed=3)
+    first = StagingServer(mock_agent("srv-x", fabric), [src], Leases(), 2, 2, "DRAM")
+    r.submit(StagedRead("a", first.offer, [1, 2], [0, 1]))
+    assert r.next_result(10) == ("a", None)
+    first.close()
+    fabric._drop(fabric.get("srv-x"))  # the producer restarts: same name
+    src2 = region(seed=4)
+    second = StagingServer(mock_agent("srv-x", fabric), [src2], Leases(), 2, 2, "DRAM")
+    try:
+        assert second.offer != first.offer
+        r.submit(StagedRead("b", second.offer, [5, 6], [2, 3]))
+        assert r.next_result(10) == ("b", None)
+        assert torch.equal(dst[2], src2[5]) and torch.equal(dst[3], src2[6])
+    finally:
+        second.close()
+
+
+# ---------------------------------------------------------------------------
+# 2, 7 and vLLM's own gaps: kv_transfer_params from a client
+# ---------------------------------------------------------------------------
+
+GOOD = dict(
+    remote_engine_id="p",
+    remote_request_id="r",
+    remote_host="localhost",
+    remote_port=5600,
+    remote_block_ids=[[1, 2]],
+    tp_size=1,
+)
+
+
+@pytest.mark.parametrize(
+    ("bad", "field"),
+    [
+        ({EPOCH_PARAM: "abc"}, EPOCH_PARAM),
+        ({EPOCH_PARAM: float("nan")}, EPOCH_PARAM),
+        ({EPOCH_PARAM: True}, EPOCH_PARAM),
+        ({"remote_block_ids": [1, 2]}, "remote_block_ids"),  # flat list
+        ({"remote_block_ids": [[2**64]]}, "remote_block_ids"),
+        ({"remote_block_ids": [[2**52]]}, "remote_block_ids"),  # would wrap
+        ({"remote_block_ids": [[-1]]}, "remote_block_ids"),
+        ({"remote_port": "5600"}, "remote_port"),
+        ({"remote_port": 70000}, "remote_port"),
+        ({"tp_size": 0}, "tp_size"),
+        ({"remote_engine_id": 7}, "remote_engine_id"),
+    ],
+)
+def test_consumer_params_are_validated_naming_the_field(bad: dict, field: str):
+    with pytest.raises(ValueError) as ei:
+        parse_consumer_params({**GOOD, **bad}, "req-9")
+    assert field in str(ei.value) and "req-9" in str(ei.value)
+    assert (
+        parse_consumer_params({**GOOD, EPOCH_PARAM: None}, "ok").elastic_nixl_epoch
+        is None
+    )
+
+
+def _pair(make_engine, tag: str):
+    prod = make_engine("kv_producer", f"p-{tag}", virtual_blocks=V, physical_blocks=P)
+    cons = make_engine("kv_consumer", f"d-{tag}", virtual_blocks=V, physical_blocks=P)
+    return prod, cons
+
+
+def step_both(prod, cons, steps: int = 20) -> set[str]:
+    done: set[str] = set()
+    for _ in range(steps):
+        done |= cons.step()[1]
+        prod.step()
+        time.sleep(0.002)
+    return done
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {EPOCH_PARAM: "abc"},
+        {EPOCH_PARAM: float("nan")},
+        {"remote_block_ids": [[1, 2]]},  # shorter than the 4 local blocks
+        {"remote_block_ids": [3, 4, 5, 6]},  # flat
+        {"remote_block_ids": [[2**52, 1, 2, 3]]},
+        {"remote_block_ids": [[19_999, 19_998, 30_000, 2]]},  # beyond capacity
+        {"remote_port": "x"},
+    ],
+    ids=["epoch-str", "epoch-nan", "short", "flat", "huge", "capacity", "port"],
+)
+def test_a_bad_request_fails_alone_and_the_engine_serves_on(make_engine, bad):
+    prod, cons = _pair(make_engine, "bad")
+    good = prod.prefill("good-0", [1, 2, 3, 4])
+    params = {**good, **bad}
+    prod.step()
+    cons.submit("bad", params, [10, 11, 12, 13])
+    done = step_both(prod, cons)
+    assert "bad" in done  # reported (as failed), not stuck
+    assert {10, 11, 12, 13} <= cons.failed_blocks
+    # The engine still serves: the next request (and the original one) work.
+    cons.failed_blocks.clear()
+    cons.submit("good-0", good, [20, 21, 22, 23])
+    run_until(prod, cons, "good-0")
+    assert cons.verify("good-0", [20, 21, 22, 23]) == []
+    assert cons.failed_blocks == set()
+
+
+def test_non_dict_params_are_ignored_not_fatal(make_engine):
+    prod, cons = _pair(make_engine, "nd")
+    cons.submit("weird", ["not", "a", "dict"], [5])  # type: ignore[arg-type]
+    assert step_both(prod, cons, 5) == set()
+    params = prod.prefill("after", [7])
+    prod.step()
+    cons.submit("after", params, [8])
+    run_until(prod, cons, "after")
+    assert cons.verify("after", [8]) == []
+
+
+def test_ids_beyond_a_region_are_refused_before_address_arithmetic():
+    g = RegionGeometry(0x1000, 64, 64, num_blocks=100)
+    idx = ExtentIndex.build([(0x1000, 6400)])
+    with pytest.raises(DescriptorPlanError, match=r"\[2251799813685248\].*100 blocks"):
+        # 2^51 * 64 wraps int64: it must be refused, not turned into an address.
+        plan_read([g], [g], [[1]], [[2**51]], idx, idx)
+    with pytest.raises(DescriptorPlanError, match=r"local block\(s\) \[100\]"):
+        plan_read([g], [g], [[100]], [[1]], idx, idx)
+
+
+# ---------------------------------------------------------------------------
+# 8. per-request state is pruned
+# ---------------------------------------------------------------------------
+
+
+def test_refresh_bookkeeping_is_pruned(make_engine):
+    prod, cons = _pair(make_engine, "prune")
+    cw = cons.worker.connector_worker
+    for i in range(6):
+        ids = list(range(1000 + 400 * i, 1004 + 400 * i))
+        prod.allocator.map_blocks(ids)  # new memory: the consumer must refresh
+        params = prod.prefill(f"r{i}", ids)
+        prod.step()
+        local = [10 + 4 * i + k for k in range(4)]
+        cons.submit(f"r{i}", params, local)
+        run_until(prod, cons, f"r{i}")
+        assert cons.verify(f"r{i}", local) == []
+    assert cw.elastic_stats.refreshes >= 5  # the first read is the handshake
+    assert cw._refreshed_for == set() and cw._required_epochs == {}
+
+
+def test_a_refresh_removes_the_peers_old_registrations(make_engine):
+    prod, cons = _pair(make_engine, "rm")
+    cw = cons.worker.connector_worker
+    ids = list(range(5000, 5004))
+    prod.allocator.map_blocks(ids)
+    params = prod.prefill("first", ids)
+    prod.step()
+    cons.submit("first", params, [1, 2, 3, 4])
+    run_until(prod, cons, "first")
+    view = cw.peers.any_rank("p-rm")
+    assert view is not None
+    name = view.agent_name
+    name = name.decode() if isinstance(name, bytes) else name
+    prod.allocator.unmap_blocks(ids)  # the producer shrinks
+    ids2 = list(range(7000, 7002))
+    prod.allocator.map_blocks(ids2)
+    params = prod.prefill("second", ids2)
+    prod.step()
+    cons.submit("second", params, [5, 6])
+    run_until(prod, cons, "second")
+    assert cons.verify("second", [5, 6]) == []
+    # NIXL on the consumer knows exactly what the producer registers now: the
+    # shrunk chunks were dropped with the old agent, not kept beside the new.
+    index = cw.nixl_wrapper._remotes[name]
+    known = {(k[2], k[3]) for k in index.keys()}  # noqa: SIM118 - a mock index
+    assert known == {(e.base, e.nbytes) for e in prod.allocator.mapped_extents()}
+
+
+# ---------------------------------------------------------------------------
+# Fuzz: hostile control messages and kv_transfer_params at a live pair
+# ---------------------------------------------------------------------------
+
+FUZZ_SECONDS = 6.0
+STAGED_FAST = {
+    # A failed read never tells the producer: its lease on the blocks ends
+    # by vLLM's expiry, shortened here so the leak check need not wait 30 s.
+    "kv_lease_duration": 2,
+    "transfer_path": "staged",
+    "staging_slots": 2,
+    "staging_slot_bytes": 1,
+    "staging_timeout_s": 1,
+}
+
+
+def hostile_message(rng: random.Random, xfers: list[str]) -> bytes:
+    """A well-typed message with hostile values (or, now and then, garbage)."""
+    xfer = (
+        rng.choice(xfers) if xfers and rng.random() < 0.7 else f"f#{rng.randrange(9)}"
+    )
+    small = lambda: rng.choice([0, 1, 2, 3, 63, 1023])  # noqa: E731
+    kind = rng.randrange(7)
+    if kind == 0:
+        ids = [
+            rng.choice([0, 1, 5, 63, 19_999, 1 << 39]) for _ in range(rng.randint(1, 5))
+        ]
+        return encode(Stage(xfer, ids, rng.randint(1, 4), None))
+    if kind == 1:
+        return encode(Ready(xfer, small(), small(), rng.randint(1, 3)))
+    if kind == 2:
+        return encode(Done(xfer, small(), small()))
+    if kind == 3:
+        return encode(Cancel(xfer))
+    if kind == 4:
+        return encode(Failed(xfer, "fuzz"))
+    if kind == 5:  # out of the schema's ranges
+        return msgspec.msgpack.encode(
+            {
+                "type": "ready",
+                "xfer": xfer,
+                "chunk": -rng.randint(1, 9),
+                "slot": 1 << 40,
+                "num_blocks": 0,
+            }
+        )
+    return bytes(rng.randrange(256) for _ in range(rng.randint(0, 40)))
+
+
+def buggy_producer_message(
+    rng: random.Random, active: list[Any], seen: list[str]
+) -> bytes | None:
+    """What a buggy producer sends a reader: a Ready repeating an announced
+    chunk (any slot), or anything for a transfer that is over."""
+    live = [t for t in active if t.announced]
+    if live and rng.random() < 0.6:
+        t = rng.choice(live)
+        chunk = rng.choice(sorted(t.announced))
+        return encode(Ready(t.xfer, chunk, rng.randrange(2), len(t.chunks[chunk])))
+    done = [x for x in seen if x not in {t.xfer for t in active}]
+    return hostile_message(rng, done) if done else None
+
+
+def buggy_consumer_message(
+    rng: random.Random, server: StagingServer, seen: list[str]
+) -> bytes | None:
+    """What a buggy consumer sends a producer: a Done for a chunk already
+    acknowledged (any slot), a replayed Stage, a Cancel, or anything for a
+    transfer that is over."""
+    jobs = list(server._jobs.values())
+    roll = rng.random()
+    if jobs and roll < 0.4:
+        job = rng.choice(jobs)
+        if job.acked:
+            chunk = rng.choice(sorted(job.acked))
+            return encode(Done(job.key[1], chunk, rng.randrange(2)))
+    if jobs and roll < 0.55:
+        job = rng.choice(jobs)
+        return encode(Stage(job.key[1], [1, 2], 1, None))
+    if jobs and roll < 0.6:
+        return encode(Cancel(rng.choice(jobs).key[1]))
+    done = [x for x in seen if all(j.key[1] != x for j in jobs)]
+    return hostile_message(rng, done) if done else None
+
+
+def hostile_params(rng: random.Random, good: dict[str, Any]) -> dict[str, Any]:
+    """``good`` with one field broken in type or range (never a valid lie)."""
+    field, value = rng.choice(
+        [
+            (EPOCH_PARAM, rng.choice(["x", float("nan"), -5, [1], True])),
+            ("remote_block_ids", rng.choice([[1, 2], "ids", [[-1]], [[1 << 60]], []])),
+            ("remote_port", rng.choice([0, -1, 1 << 20, "80", None])),
+            ("remote_engine_id", rng.choice([None, 5, "", ["p"]])),
+            ("tp_size", rng.choice([0, "1", 1.5])),
+        ]
+    )
+    return {**good, field: value}
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_fuzz_hostile_peers_and_clients(make_engine, seed: int):
+    rng = random.Random(seed)
+    # Producer blocks are never reused within the run (a failed request keeps
+    # its blocks until vLLM's lease on them expires), so there are plenty.
+    prod = make_engine(
+        "kv_producer",
+        f"p-fz{seed}",
+        virtual_blocks=V,
+        physical_blocks=4096,
+        extra=STAGED_FAST,
+    )
+    cons = make_engine(
+        "kv_consumer",
+        f"d-fz{seed}",
+        virtual_blocks=V,
+        physical_blocks=P,
+        extra=STAGED_FAST,
+    )
+    pw, cw = prod.worker.connector_worker, cons.worker.connector_worker
+    server = pw.staged.server
+    assert server is not None
+    attacker = mock_agent(f"attacker-{seed}", pw.nixl_wrapper.fabric)
+    attacker.add_remote_agent(server.offer.agent_metadata)
+
+    next_p = 1
+    free_d = list(range(1, P))
+    pending: dict[str, tuple[list[int], bool]] = {}  # req -> (local ids, good)
+    good_done = bad_done = 0
+    knows_reader = False
+    seen_xfers: set[str] = set()
+    n = 0
+    deadline = time.monotonic() + FUZZ_SECONDS
+    while time.monotonic() < deadline:
+        n += 1
+        # A request: good, or with broken params.
+        if next_p < 4090 and len(free_d) >= 3 and len(pending) < 6:
+            k = rng.randint(1, 3)
+            p_ids = list(range(next_p, next_p + k))
+            next_p += k
+            d_ids = [free_d.pop(rng.randrange(len(free_d))) for _ in range(k)]
+            req = f"fz{seed}-{n}"
+            params = prod.prefill(req, p_ids)
+            good = rng.random() < 0.6
+            if not good:
+                params = hostile_params(rng, params)
+            cons.submit(req, params, d_ids)
+            pending[req] = (d_ids, good)
+        # Hostile control messages: anything from a stranger (NIXL names the
+        # sender, so it cannot pose as a peer), and from the real peers the
+        # messages a buggy one sends: duplicates, replays, stale acks, aborts.
+        reader = cw.staged.reader
+        if reader is not None and not knows_reader:
+            attacker.add_remote_agent(reader.agent.get_agent_metadata())
+            knows_reader = True
+        active = list(reader._transfers.values()) if reader else []
+        seen_xfers.update(t.xfer for t in active)
+        for _ in range(rng.randint(0, 3)):
+            to_server = reader is None or rng.random() < 0.5
+            to = server.offer.agent_name if to_server else _name(reader.agent)
+            choice = rng.random()
+            if choice < 0.5 or reader is None:
+                sender = attacker
+                raw = hostile_message(rng, sorted(seen_xfers))
+            elif to_server:
+                sender = reader.agent
+                raw = buggy_consumer_message(rng, server, sorted(seen_xfers))
+            else:
+                sender = server.agent
+                raw = buggy_producer_message(rng, active, sorted(seen_xfers))
+            if raw is None:
+                continue
+            # (A peer can write to another only once it has its metadata.)
+            with contextlib.suppress(nixlNotFoundError):
+                sender.send_notif(to, raw)
+        _, recving = cons.step()
+        prod.step()
+        for req in recving & set(pending):
+            d_ids, good = pending.pop(req)
+            failed = set(d_ids) & cons.failed_blocks
+            if not failed:
+                # Reported as received: the bytes must be the producer's.
+                assert good, f"{req}: broken params were reported as received"
+                assert cons.verify(req, d_ids) == [], f"{req}: wrong bytes"
+                good_done += 1
+            else:
+                bad_done += not good
+            cons.failed_blocks -= set(d_ids)
+            cons.clear_blocks(d_ids)
+            free_d.extend(d_ids)
+        time.sleep(0.001)
+    # Drain: every request ends (no hang), within the staging timeout.
+    end = time.monotonic() + 15
+    while pending and time.monotonic() < end:
+        _, recving = cons.step()
+        prod.step()
+        for req in recving & set(pending):
+            d_ids, good = pending.pop(req)
+            if not set(d_ids) & cons.failed_blocks:
+                assert good and cons.verify(req, d_ids) == []
+        time.sleep(0.005)
+    assert not pending, f"requests never finished: {sorted(pending)}"
+    assert good_done > 0 and bad_done > 0
+
+    # Nothing leaked: leases, slots, transfers, registrations.
+    def quiet() -> bool:
+        prod.step()
+        cons.step()
+        return (
+            server.active_transfers == 0
+            and sorted(server.free_slots) == list(range(server.slots))
+            and (cw.staged.reader is None or cw.staged.reader.active_transfers == 0)
+            and not prod.allocator.leased_blocks()
+            and not cons.allocator.leased_blocks()
+        )
+
+    assert wait(quiet, 30), (
+        server.active_transfers,
+        list(server.free_slots),
+        prod.allocator.leased_blocks(),
+        cons.allocator.leased_blocks(),
+    )
+    for eng in (prod, cons):
+        w = eng.worker.connector_worker
+        assert w._registrar.spans == sorted(
+            (e.base, e.nbytes) for e in eng.allocator.mapped_extents()
+        )
+
+
+def _name(agent: Any) -> str:
+    name = agent.name
+    return name.decode() if isinstance(name, bytes) else str(name)

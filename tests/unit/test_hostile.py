@@ -34,11 +34,11 @@ from elastic_nixl.connector.planning import (
 from elastic_nixl.staging import StagedRead, StagedReader, StagingServer
 from elastic_nixl.staging.protocol import (
     Cancel,
-    Done,
     Failed,
-    Ready,
+    Grant,
     Stage,
     StagingOffer,
+    Written,
     decode,
     encode,
 )
@@ -107,18 +107,48 @@ def region(rows: int = 16, page: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 255, (rows, page), dtype=torch.uint8, generator=g)
 
 
+class HandPlayed:
+    """One side of the staged path played by the test: an agent with slots."""
+
+    def __init__(self, name: str, fabric: MockNixlFabric, slots: int = 2) -> None:
+        self.agent = mock_agent(name, fabric)
+        self.slots = torch.zeros((slots, 2 * 64), dtype=torch.uint8)  # 2 blocks
+        self.agent.register_memory(
+            self.agent.get_reg_descs(
+                [(self.slots.data_ptr(), self.slots.numel(), 0, "")], "DRAM"
+            )
+        )
+        self.offer = StagingOffer(
+            name,
+            self.agent.get_agent_metadata(),
+            self.slots.data_ptr(),
+            slots,
+            2,
+            1,
+            64,
+            0,
+            "DRAM",
+        )
+
+    def write(self, target: StagingOffer, slot: int, msg: Written, fill: int) -> None:
+        """Really WRITE ``msg.num_blocks`` blocks of ``fill`` into ``target``'s
+        ``slot``, announced with ``msg`` (as a producer does)."""
+        self.slots[0] = fill
+        n = msg.num_blocks * 64
+        local = self.agent.get_xfer_descs([(self.slots.data_ptr(), n, 0)], "DRAM")
+        remote = self.agent.get_xfer_descs(
+            target.geometry.descriptors(slot, msg.num_blocks, 0), "DRAM"
+        )
+        h = self.agent.initialize_xfer(
+            "WRITE", local, remote, target.agent_name, encode(msg)
+        )
+        assert self.agent.transfer(h) == "DONE"
+        self.agent.release_xfer_handle(h)
+
+
 @pytest.fixture
-def producer_side(fabric: MockNixlFabric) -> Iterator[tuple[Any, torch.Tensor]]:
-    """A hand-played producer: an agent with registered slots, and its offer."""
-    agent = mock_agent("forger", fabric)
-    slots = torch.zeros((2, 1, 2, 64), dtype=torch.uint8)  # 2 slots x 2 blocks
-    agent.register_memory(
-        agent.get_reg_descs([(slots.data_ptr(), slots.numel(), 0, "")], "DRAM")
-    )
-    offer = StagingOffer(
-        "forger", agent.get_agent_metadata(), slots.data_ptr(), 2, 2, 1, 64, 0, "DRAM"
-    )
-    yield (agent, offer), slots
+def producer(fabric: MockNixlFabric) -> HandPlayed:
+    return HandPlayed("forger", fabric)
 
 
 @pytest.fixture
@@ -136,141 +166,156 @@ def stage_of(agent: MockNixlAgent) -> Stage:
 
 
 # ---------------------------------------------------------------------------
-# 3. the staged reader trusts Ready
+# 3. the staged reader trusts what the producer announces
 # ---------------------------------------------------------------------------
 
 
-def test_duplicated_ready_never_completes_with_wrong_data(producer_side, reader):
-    (agent, offer), slots = producer_side
+def test_a_duplicated_announcement_never_completes_with_wrong_data(producer, reader):
     r, dst = reader
-    agent.add_remote_agent(r.agent.get_agent_metadata())
-    r.submit(StagedRead("dup", offer, [5, 6, 7, 8], [0, 1, 2, 3]))  # 2 chunks
-    stage = stage_of(agent)
-    slots[0, 0] = 11
-    agent.send_notif("reader", encode(Ready(stage.xfer, 0, 0, 2)))
-    assert isinstance(notifs(agent)[0], Done)
-    # The same chunk again (say, chunk 1's data is not there yet): ignored.
-    slots[0, 0] = 99
-    agent.send_notif("reader", encode(Ready(stage.xfer, 0, 0, 2)))
-    time.sleep(0.2)
-    assert r.poll_results() == [] and r.stats.rejected_messages == 1
-    assert bool((dst[:2] == 11).all())
-    slots[1, 0] = 22
-    agent.send_notif("reader", encode(Ready(stage.xfer, 1, 1, 2)))
+    r.submit(StagedRead("dup", producer.offer, [5, 6, 7, 8], [0, 1, 2, 3]))
+    stage = stage_of(producer.agent)  # 2 chunks, both granted a slot
+    assert stage.reader is not None and stage.grants == [0, 1]
+    producer.agent.add_remote_agent(stage.reader.agent_metadata)
+    target = stage.reader
+    producer.write(target, 0, Written(stage.xfer, 0, 0, 2), fill=11)
+    assert wait(lambda: bool((dst[:2] == 11).all()))
+    # Chunk 0 announced again (its slot now re-granted): ignored.
+    producer.agent.send_notif("reader", encode(Written(stage.xfer, 0, 0, 2)))
+    assert wait(lambda: r.stats.rejected_messages == 1)
+    assert r.poll_results() == []
+    producer.write(target, 1, Written(stage.xfer, 1, 1, 2), fill=22)
     assert wait(lambda: r.active_transfers == 0)
     assert r.poll_results() == [("dup", None)]
     assert bool((dst[2:4] == 22).all()) and bool((dst[:2] == 11).all())
 
 
-def test_ready_for_a_chunk_that_does_not_exist_fails_never_succeeds(
-    producer_side, reader
+def test_an_announcement_of_a_chunk_or_slot_not_granted_fails_never_succeeds(
+    producer, reader
 ):
-    (agent, offer), _ = producer_side
     r, _ = reader
-    agent.add_remote_agent(r.agent.get_agent_metadata())
-    r.submit(StagedRead("neg", offer, [5, 6], [0, 1]))  # 1 chunk
-    stage = stage_of(agent)
+    r.submit(StagedRead("neg", producer.offer, [5, 6], [0, 1]))  # 1 chunk
+    stage = stage_of(producer.agent)
+    assert stage.reader is not None
+    producer.agent.add_remote_agent(stage.reader.agent_metadata)
     # chunk -1 is outside the schema: dropped, never counted as a chunk.
     raw = msgspec.msgpack.encode(
-        {"type": "ready", "xfer": stage.xfer, "chunk": -1, "slot": 0, "num_blocks": 2}
-    )
-    agent.send_notif("reader", raw)
+        {"type": "written", "xfer": stage.xfer, "chunk": -1, "slot": 0,
+         "num_blocks": 2}
+    )  # fmt: skip
+    producer.agent.send_notif("reader", raw)
     assert wait(lambda: r.stats.rejected_messages == 1)
     assert r.poll_results() == []
-    # chunk 1 of a one-chunk transfer: a broken producer, the read fails.
-    agent.send_notif("reader", encode(Ready(stage.xfer, 1, 0, 2)))
+    # Slot 1 was not granted chunk 0: a broken producer, the read fails.
+    producer.agent.send_notif("reader", encode(Written(stage.xfer, 0, 1, 2)))
     assert wait(lambda: r.active_transfers == 0)
     ((req, error),) = r.poll_results()
-    assert req == "neg" and "chunk 1 of a 1-chunk transfer" in (error or "")
-    assert any(isinstance(m, Cancel) for m in notifs(agent))
+    assert req == "neg" and "not granted" in (error or "")
+    assert any(isinstance(m, Cancel) for m in notifs(producer.agent))
 
 
-def test_messages_from_another_agent_or_transfer_are_ignored(
-    producer_side, reader, fabric
-):
-    (agent, offer), slots = producer_side
+def test_messages_from_another_agent_or_transfer_are_ignored(producer, reader, fabric):
     r, dst = reader
-    agent.add_remote_agent(r.agent.get_agent_metadata())
     stranger = mock_agent("stranger", fabric)
     stranger.add_remote_agent(r.agent.get_agent_metadata())
-    r.submit(StagedRead("x", offer, [1, 2], [3, 4]))
-    stage = stage_of(agent)
+    r.submit(StagedRead("x", producer.offer, [1, 2], [3, 4]))
+    stage = stage_of(producer.agent)
+    assert stage.reader is not None
+    producer.agent.add_remote_agent(stage.reader.agent_metadata)
     for msg in (
-        Ready(stage.xfer, 0, 0, 2),  # right transfer, wrong sender
+        Written(stage.xfer, 0, 0, 2),  # right transfer, wrong sender
         Failed(stage.xfer, "forged"),
     ):
         stranger.send_notif("reader", encode(msg))
-    agent.send_notif("reader", encode(Ready("other#7", 0, 0, 2)))  # not running
+    producer.agent.send_notif("reader", encode(Written("other#7", 0, 0, 2)))
     assert wait(lambda: r.stats.rejected_messages == 3)
     assert r.poll_results() == [] and r.active_transfers == 1
-    slots[0, 0] = 5
-    agent.send_notif("reader", encode(Ready(stage.xfer, 0, 0, 2)))
+    producer.write(stage.reader, 0, Written(stage.xfer, 0, 0, 2), fill=5)
     assert wait(lambda: r.active_transfers == 0)
     assert r.poll_results() == [("x", None)] and bool((dst[3:5] == 5).all())
 
 
+def test_slots_of_a_failed_transfer_wait_for_the_producers_word(producer, reader):
+    """A slot granted to a transfer that failed is not reused while the
+    producer may still WRITE into it."""
+    r, _ = reader
+    r.submit(StagedRead("q", producer.offer, [1, 2, 3, 4], [0, 1, 2, 3]))
+    stage = stage_of(producer.agent)
+    assert stage.grants == [0, 1]
+    producer.agent.add_remote_agent(stage.reader.agent_metadata)  # type: ignore[union-attr]
+    producer.agent.send_notif("reader", encode(Written(stage.xfer, 5, 0, 2)))
+    assert wait(lambda: r.active_transfers == 0)  # failed: chunk 5 of 2
+    assert len(r.free_slots) == 0  # both granted slots held back
+    producer.agent.send_notif("reader", encode(Failed(stage.xfer, "cancelled")))
+    assert wait(lambda: sorted(r.free_slots) == [0, 1])
+
+
 # ---------------------------------------------------------------------------
-# 3b-5. the staging server: stale Done, batches, duplicated Stage
+# 3b-5. the staging server: grants, batches, duplicated Stage
 # ---------------------------------------------------------------------------
 
 
 @pytest.fixture
-def server(fabric: MockNixlFabric) -> Iterator[tuple[StagingServer, Leases, Any]]:
+def server(
+    fabric: MockNixlFabric,
+) -> Iterator[tuple[StagingServer, Leases, HandPlayed]]:
     leases = Leases()
     agent = PausableAgent("server", fabric=fabric)
     srv = StagingServer(agent, [region()], leases, 1, 1, "DRAM", slot_timeout_s=30)
-    consumer = mock_agent("consumer", fabric)
-    consumer.add_remote_agent(srv.offer.agent_metadata)
+    consumer = HandPlayed("consumer", fabric)
+    consumer.agent.add_remote_agent(srv.offer.agent_metadata)
     yield srv, leases, consumer
     srv.close()
 
 
-def test_a_stale_done_does_not_free_a_slot_holding_a_later_chunk(server):
+def test_a_slot_is_granted_to_one_chunk_at_a_time(server):
     srv, leases, consumer = server
-    md = consumer.get_agent_metadata()
-    consumer.send_notif("server", encode(Stage("t#1", [3, 4], 1, md)))  # 2 chunks
-    (ready0,) = notifs(consumer)
-    assert ready0 == Ready("t#1", 0, 0, 1)
-    consumer.send_notif("server", encode(Done("t#1", 0, 0)))
-    (ready1,) = notifs(consumer)
-    assert ready1 == Ready("t#1", 1, 0, 1)  # the one slot now holds chunk 1
-    consumer.send_notif("server", encode(Done("t#1", 0, 0)))  # duplicated
-    assert wait(lambda: srv.stats.rejected_messages == 1)
-    assert not srv.free_slots and len(leases.live) == 1
-    consumer.send_notif("server", encode(Done("t#1", 1, 0)))
-    assert wait(lambda: not leases.live)
-    assert list(srv.free_slots) == [0] and srv.stats.transfers == 1
+    srv.agent.paused = True
+    # Chunks 0 and 1 both granted slot 0: the second grant is refused.
+    stage = Stage("t#1", [3, 4, 5], 1, consumer.offer, [0])
+    consumer.agent.send_notif("server", encode(stage))
+    consumer.agent.send_notif("server", encode(Grant("t#1", 1, 0)))
+    consumer.agent.send_notif("server", encode(Grant("t#1", 7, 1)))  # no chunk 7
+    srv.agent.paused = False
+    (w0,) = notifs(consumer.agent)
+    assert w0 == Written("t#1", 0, 0, 1)
+    assert wait(lambda: srv.stats.rejected_messages == 2)
+    consumer.agent.send_notif("server", encode(Grant("t#1", 0, 1)))  # chunk 0 again
+    assert wait(lambda: srv.stats.rejected_messages == 3)
+    for chunk in (1, 2):
+        consumer.agent.send_notif("server", encode(Grant("t#1", chunk, 0)))
+        (w,) = notifs(consumer.agent)
+        assert w == Written("t#1", chunk, 0, 1)
+    assert wait(lambda: not leases.live and srv.stats.transfers == 1)
 
 
 def test_one_malformed_message_does_not_drop_its_batch(server):
     srv, leases, consumer = server
     srv.agent.paused = True
-    md = consumer.get_agent_metadata()
-    consumer.send_notif("server", b"\x93 not a message")
+    consumer.agent.send_notif("server", b"\x93 not a message")
     bad_stage = {"type": "stage", "xfer": "b#1", "block_ids": [-4], "max_blocks": 1}
-    consumer.send_notif("server", msgspec.msgpack.encode(bad_stage))
-    consumer.send_notif("server", encode(Stage("g#1", [2], 1, md)))
+    consumer.agent.send_notif("server", msgspec.msgpack.encode(bad_stage))
+    consumer.agent.send_notif(
+        "server", encode(Stage("g#1", [2], 1, consumer.offer, [0]))
+    )
     srv.agent.paused = False
-    (ready,) = notifs(consumer)
-    assert ready == Ready("g#1", 0, 0, 1)
+    (written,) = notifs(consumer.agent)
+    assert written == Written("g#1", 0, 0, 1)
     assert srv.stats.rejected_messages == 2
-    consumer.send_notif("server", encode(Done("g#1", 0, 0)))
     assert wait(lambda: not leases.live and srv.stats.transfers == 1)
 
 
 def test_a_duplicated_stage_takes_no_second_lease(server):
     srv, leases, consumer = server
-    md = consumer.get_agent_metadata()
-    stage = encode(Stage("d#1", [1, 2], 1, md))
-    consumer.send_notif("server", stage)
-    consumer.send_notif("server", stage)
-    (ready,) = notifs(consumer)
-    assert ready.chunk == 0
+    stage = encode(Stage("d#1", [1, 2], 1, consumer.offer, []))  # no grant yet
+    consumer.agent.send_notif("server", stage)
+    consumer.agent.send_notif("server", stage)
     assert wait(lambda: srv.stats.rejected_messages == 1)
     assert leases.taken == 1 and srv.active_transfers == 1
-    consumer.send_notif("server", encode(Cancel("d#1")))
+    consumer.agent.send_notif("server", encode(Cancel("d#1")))
     assert wait(lambda: not leases.live and srv.active_transfers == 0)
-    consumer.send_notif("server", stage)  # a replay after the end
+    (answer,) = notifs(consumer.agent)
+    assert isinstance(answer, Failed) and "cancelled" in answer.reason
+    consumer.agent.send_notif("server", stage)  # a replay after the end
     assert wait(lambda: srv.stats.rejected_messages == 2)
     assert leases.taken == 1 and not leases.live
 
@@ -278,11 +323,12 @@ def test_a_duplicated_stage_takes_no_second_lease(server):
 def test_close_releases_every_lease(fabric: MockNixlFabric):
     leases = Leases()
     srv = StagingServer(mock_agent("s2", fabric), [region()], leases, 1, 1, "DRAM")
-    consumer = mock_agent("c2", fabric)
-    consumer.add_remote_agent(srv.offer.agent_metadata)
-    md = consumer.get_agent_metadata()
+    consumer = HandPlayed("c2", fabric)
+    consumer.agent.add_remote_agent(srv.offer.agent_metadata)
     for i in range(3):
-        consumer.send_notif("s2", encode(Stage(f"j#{i}", [1, 2, 3], 1, md)))
+        consumer.agent.send_notif(
+            "s2", encode(Stage(f"j#{i}", [1, 2, 3], 1, consumer.offer, []))
+        )
     assert wait(lambda: leases.taken == 3)
     srv.close()
     assert leases.live == []
@@ -564,11 +610,11 @@ def hostile_message(rng: random.Random, xfers: list[str]) -> bytes:
         ids = [
             rng.choice([0, 1, 5, 63, 19_999, 1 << 39]) for _ in range(rng.randint(1, 5))
         ]
-        return encode(Stage(xfer, ids, rng.randint(1, 4), None))
+        return encode(Stage(xfer, ids, rng.randint(1, 4), None, [small()]))
     if kind == 1:
-        return encode(Ready(xfer, small(), small(), rng.randint(1, 3)))
+        return encode(Grant(xfer, small(), small()))
     if kind == 2:
-        return encode(Done(xfer, small(), small()))
+        return encode(Written(xfer, small(), small(), rng.randint(1, 3)))
     if kind == 3:
         return encode(Cancel(xfer))
     if kind == 4:
@@ -576,7 +622,7 @@ def hostile_message(rng: random.Random, xfers: list[str]) -> bytes:
     if kind == 5:  # out of the schema's ranges
         return msgspec.msgpack.encode(
             {
-                "type": "ready",
+                "type": "written",
                 "xfer": xfer,
                 "chunk": -rng.randint(1, 9),
                 "slot": 1 << 40,
@@ -589,13 +635,13 @@ def hostile_message(rng: random.Random, xfers: list[str]) -> bytes:
 def buggy_producer_message(
     rng: random.Random, active: list[Any], seen: list[str]
 ) -> bytes | None:
-    """What a buggy producer sends a reader: a Ready repeating an announced
-    chunk (any slot), or anything for a transfer that is over."""
-    live = [t for t in active if t.announced]
+    """What a buggy producer sends a reader: a Written repeating a chunk it
+    already announced (any slot), or anything for a transfer that is over."""
+    live = [t for t in active if t.written]
     if live and rng.random() < 0.6:
         t = rng.choice(live)
-        chunk = rng.choice(sorted(t.announced))
-        return encode(Ready(t.xfer, chunk, rng.randrange(2), len(t.chunks[chunk])))
+        chunk = rng.choice(sorted(t.written))
+        return encode(Written(t.xfer, chunk, rng.randrange(2), len(t.chunks[chunk])))
     done = [x for x in seen if x not in {t.xfer for t in active}]
     return hostile_message(rng, done) if done else None
 
@@ -603,19 +649,19 @@ def buggy_producer_message(
 def buggy_consumer_message(
     rng: random.Random, server: StagingServer, seen: list[str]
 ) -> bytes | None:
-    """What a buggy consumer sends a producer: a Done for a chunk already
-    acknowledged (any slot), a replayed Stage, a Cancel, or anything for a
-    transfer that is over."""
+    """What a buggy consumer sends a producer: a Grant repeating a chunk it
+    already granted or received (any slot), a replayed Stage, a Cancel, or
+    anything for a transfer that is over."""
     jobs = list(server._jobs.values())
     roll = rng.random()
     if jobs and roll < 0.4:
         job = rng.choice(jobs)
-        if job.acked:
-            chunk = rng.choice(sorted(job.acked))
-            return encode(Done(job.key[1], chunk, rng.randrange(2)))
+        old = sorted(set(job.granted) | job.sent)
+        if old:
+            return encode(Grant(job.key[1], rng.choice(old), rng.randrange(2)))
     if jobs and roll < 0.55:
         job = rng.choice(jobs)
-        return encode(Stage(job.key[1], [1, 2], 1, None))
+        return encode(Stage(job.key[1], [1, 2], 1, None, [0]))
     if jobs and roll < 0.6:
         return encode(Cancel(rng.choice(jobs).key[1]))
     done = [x for x in seen if all(j.key[1] != x for j in jobs)]

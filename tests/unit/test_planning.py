@@ -256,3 +256,20 @@ class TestTransferPath:
             MemoryKind.CUDA, frozenset({ExportKind.POSIX_FD}), TransferPath.DIRECT
         )
         assert c.path is TransferPath.DIRECT and "0.4 GB/s" in c.reason
+
+    def test_cudamalloc_without_nvlink_pushes_through_slots(self):
+        """UCX turns cuda_ipc READ off without NVLink: stage (WRITE) instead."""
+        from elastic_nixl.config import TransferPath
+        from elastic_nixl.connector.planning import choose_transfer_path
+
+        ipc = frozenset({ExportKind.LEGACY_CUDA_IPC})
+        c = choose_transfer_path(MemoryKind.CUDA, ipc, TransferPath.AUTO, False)
+        assert c.path is TransferPath.STAGED and "NVLink" in c.reason
+        for fast in (True, None):  # NVLink, or nothing known: READ directly
+            c = choose_transfer_path(MemoryKind.CUDA, ipc, TransferPath.AUTO, fast)
+            assert c.path is TransferPath.DIRECT
+        c = choose_transfer_path(MemoryKind.CUDA, ipc, TransferPath.DIRECT, False)
+        assert c.path is TransferPath.DIRECT and "no active NVLink" in c.reason
+        host = frozenset({ExportKind.HOST})
+        c = choose_transfer_path(MemoryKind.HOST, host, TransferPath.AUTO, False)
+        assert c.path is TransferPath.DIRECT

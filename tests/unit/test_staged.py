@@ -13,11 +13,11 @@ from conftest import run_until
 from elastic_nixl.config import ElasticNixlSettings
 from elastic_nixl.staging.protocol import (
     Cancel,
-    Done,
     Failed,
-    Ready,
+    Grant,
     Stage,
     StagingOffer,
+    Written,
     decode,
     encode,
 )
@@ -29,16 +29,10 @@ STAGED = {"transfer_path": "staged", "staging_slots": 2, "staging_slot_bytes": 1
 
 def test_offer_geometry_is_the_slot_layout() -> None:
     offer = StagingOffer("a", b"", 0x1000, 3, 4, 2, 100, 7, "VRAM")
-    # slot 1 starts after 2 regions x 4 blocks x 100 bytes
-    assert offer.geometry.descriptors(1, 3, 7).tolist() == [
-        [0x1000 + 800, 300, 7],
-        [0x1000 + 800 + 400, 300, 7],
-    ]
-    assert offer.geometry.every_slot(7)[2 * 2 + 1].tolist() == [
-        0x1000 + 2 * 800 + 400,
-        400,
-        7,
-    ]
+    # slot 1 starts after 2 regions x 4 blocks x 100 bytes; a chunk of 3
+    # blocks is packed [regions, 3, page]: one descriptor of 600 bytes.
+    assert offer.geometry.descriptors(1, 3, 7).tolist() == [[0x1000 + 800, 600, 7]]
+    assert offer.geometry.every_slot(7)[2].tolist() == [0x1000 + 2 * 800, 800, 7]
     with pytest.raises(ValueError, match="slot 3"):
         offer.geometry.descriptors(3, 1, 0)
     with pytest.raises(ValueError, match="5 blocks"):
@@ -47,10 +41,11 @@ def test_offer_geometry_is_the_slot_layout() -> None:
 
 def test_messages_round_trip_and_garbage_is_refused() -> None:
     for msg in (
-        Stage("r#1", [1, 2, 30_000], 4, b"md"),
-        Ready("r#1", 0, 1, 2),
+        Stage("r#1", [1, 2, 30_000], 4, None, [0, 1]),
+        Stage("r#2", [5], 1, StagingOffer("a", b"md", 0, 1, 1, 1, 8, 0, "DRAM")),
+        Grant("r#1", 1, 0),
+        Written("r#1", 0, 1, 2),
         Failed("r#1", "why"),
-        Done("r#1", 0, 1),
         Cancel("r#1"),
     ):
         assert decode(encode(msg)) == msg
@@ -185,9 +180,29 @@ def test_vanilla_consumer_reads_a_staging_producer(make_engine) -> None:
     assert cons.verify("r", [3, 4]) == []
 
 
-def test_staged_requires_elastic_memory(make_engine) -> None:
-    with pytest.raises(ValueError, match="transfer_path.*static"):
-        make_engine("kv_producer", "p-static", memory="static", extra=STAGED)
+def test_static_memory_pushes_through_slots_too(make_engine) -> None:
+    """Static memory on the staged path (what auto picks on a GPU without
+    NVLink, where UCX turns READ off): vLLM's registration, plus slots."""
+    prod = make_engine("kv_producer", "p-st-static", memory="static", extra=STAGED)
+    cons = make_engine("kv_consumer", "d-st-static", memory="static")
+    pw, cw = prod.worker.connector_worker, cons.worker.connector_worker
+    assert not pw.elastic and pw.staged.server is not None
+    params = prod.prefill("s1", [1, 2, 3])
+    prod.step()
+    cons.submit("s1", params, [4, 5, 6])
+    run_until(prod, cons, "s1")
+    assert cons.verify("s1", [4, 5, 6]) == [] and cons.failed_blocks == set()
+    assert cw.elastic_stats.staged_reads == 1
+    assert cw.nixl_wrapper.stats().transfers_posted == 0  # nothing READ directly
+    # A vanilla consumer ignores the slots and reads vLLM's registration.
+    van = make_engine(
+        "kv_consumer", "d-st-van", memory="static", connector="NixlConnector"
+    )
+    params = prod.prefill("s2", [7])
+    prod.step()
+    van.submit("s2", params, [8])
+    run_until(prod, van, "s2")
+    assert van.verify("s2", [8]) == []
 
 
 # ---------------------------------------------------------------------------
@@ -240,7 +255,7 @@ def test_engine_moves_bytes_stacked_or_not(fabric, stacked: bool) -> None:
         dst = [torch.zeros((40, 96), dtype=torch.uint8) for _ in src]
     log: list[str] = []
     server, reader = _engine(fabric, f"b{stacked}", (src, dst), _lease_ok(log))
-    assert (server.stacked is not None) is stacked
+    assert server.rows.one_kernel is stacked
     try:
         remote, local = [3, 1, 39, 20, 21], [0, 5, 6, 38, 2]
         reader.submit(StagedRead("r", server.offer, remote, local))
@@ -329,7 +344,8 @@ def test_engine_reader_times_out_on_a_silent_producer(fabric) -> None:
         reader.close()
 
 
-def test_engine_server_reclaims_slots_of_a_vanished_consumer(fabric) -> None:
+def test_engine_server_ends_the_job_of_a_vanished_consumer(fabric) -> None:
+    """A consumer that stops granting slots does not hold the lease forever."""
     import torch
 
     from conftest import mock_agent
@@ -344,20 +360,31 @@ def test_engine_server_reclaims_slots_of_a_vanished_consumer(fabric) -> None:
         1,
         2,
         "DRAM",
-        slot_timeout_s=0.2,
+        slot_timeout_s=0.3,
     )
     ghost = mock_agent("ghost", fabric)
+    slots = torch.zeros((2, 64), dtype=torch.uint8)
+    ghost.register_memory(
+        ghost.get_reg_descs([(slots.data_ptr(), slots.numel(), 0, "")], "DRAM")
+    )
+    offer = StagingOffer(
+        "ghost", ghost.get_agent_metadata(), slots.data_ptr(), 2, 1, 1, 64, 0, "DRAM"
+    )
     try:
         ghost.add_remote_agent(server.offer.agent_metadata)
-        stage = Stage("x#1", [1, 2, 3], 1, ghost.get_agent_metadata())
+        # Three one-block chunks, one slot granted: chunk 0 is written, then
+        # the consumer vanishes.
+        stage = Stage("x#1", [1, 2, 3], 1, offer, [0])
         ghost.send_notif(server.offer.agent_name, encode(stage))
-        for _ in range(100):  # both slots handed out, never read
-            if not server.free_slots:
+        for _ in range(100):
+            if server.stats.chunks == 1:
                 break
             time.sleep(0.01)
-        assert not server.free_slots
-        time.sleep(0.5)
+        assert server.stats.chunks == 1 and log == ["lease"]
+        time.sleep(0.6)
+        assert log == ["lease", "release"] and server.active_transfers == 0
         assert sorted(server.free_slots) == [0, 1]
-        assert log == ["lease", "release"]
+        msgs = [decode(m) for ms in ghost.get_new_notifs().values() for m in ms]
+        assert any(isinstance(m, Failed) and "no grant" in m.reason for m in msgs)
     finally:
         server.close()

@@ -112,6 +112,8 @@ WORKER_INHERITED: dict[str, object] = {
 WORKER_OURS = {
     "_add_per_request_agent",
     "_apply_fetched",
+    "_offer_slots_with_vllm_payload",
+    "_uses_slots_of",
     "_extent_index",
     "_handshake_stale",
     "_apply_peer",

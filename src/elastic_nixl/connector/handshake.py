@@ -104,7 +104,7 @@ class HandshakeWorker(NixlPullConnectorWorker):
             and ext_meta.registered_extents is not None
         )
         try:
-            if not (self.elastic or remote_elastic):
+            if not (self.elastic or remote_elastic or self._uses_slots_of(ext_meta)):
                 name = super().add_remote_agent(
                     nixl_agent_meta, remote_tp_rank, remote_tp_size, remote_dcp_size
                 )
@@ -192,6 +192,11 @@ class HandshakeWorker(NixlPullConnectorWorker):
         self.dst_xfer_side_handles[engine_id][remote_tp_rank] = PER_REQUEST_HANDLE
         return name
 
+    def _uses_slots_of(self, meta: NixlAgentMetadata) -> bool:
+        """Whether reads from this peer go through the slots it offers (then
+        they are planned per request, not by vLLM's prepped lists)."""
+        return False
+
     def _fetch_peer(self, engine_id: EngineId, rank: int) -> ElasticAgentMetadata:
         """A peer's current metadata, fetched and validated (handshake thread:
         it waits on the network; NIXL is not touched)."""
@@ -202,8 +207,7 @@ class HandshakeWorker(NixlPullConnectorWorker):
         )
         if meta.engine_id != engine_id:
             raise RuntimeError(
-                f"peer at {source} is now engine {meta.engine_id}, expected "
-                f"{engine_id}"
+                f"peer at {source} is now engine {meta.engine_id}, expected {engine_id}"
             )
         return meta
 

@@ -91,8 +91,7 @@ def validate_agent_metadata(meta: ElasticAgentMetadata, source: str) -> None:
 
     def bad(field_name: str, why: str) -> ValueError:
         return ValueError(
-            f"handshake from engine {meta.engine_id!r} at {source}: "
-            f"{field_name} {why}"
+            f"handshake from engine {meta.engine_id!r} at {source}: {field_name} {why}"
         )
 
     n = len(meta.kv_caches_base_addr)
@@ -131,9 +130,7 @@ def validate_agent_metadata(meta: ElasticAgentMetadata, source: str) -> None:
         end = -1
         for base, nbytes in sorted(meta.registered_extents):
             if base < end:
-                raise bad(
-                    "registered_extents", f"overlap at {base:#x}: each byte once"
-                )
+                raise bad("registered_extents", f"overlap at {base:#x}: each byte once")
             if base + nbytes > ADDRESS_LIMIT:
                 raise bad("registered_extents", f"[{base:#x}, +{nbytes}) overflows")
             end = base + nbytes

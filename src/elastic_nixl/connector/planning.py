@@ -317,33 +317,53 @@ def choose_transfer_path(
     memory_kind: MemoryKind,
     export_kinds: frozenset[ExportKind],
     setting: TransferPath,
+    read_fast: bool | None = None,
 ) -> TransferPathChoice:
-    """Direct unless GPU memory cannot be exported to UCX's cuda_ipc lane.
+    """Direct unless a peer's READ of this memory would crawl.
 
-    VMM memory is not legacy-IPC capable; UCX then silently moves it by
-    software emulation over TCP (measured ~0.4 GB/s on 2xH200 against
-    ~150-200 GB/s for cudaMalloc memory, docs/gpu.md).
+    Two measured reasons stage (push through slots with WRITE) instead:
+
+    * GPU memory that is not legacy-IPC exportable (VMM): UCX's cuda_ipc lane
+      cannot map it and moves it by software emulation over TCP (~0.4 GB/s on
+      2xH200 against ~150-200 GB/s for cudaMalloc memory, docs/gpu.md);
+    * ``read_fast`` False: UCX turns cuda_ipc READ off on a GPU with no active
+      NVLink ("cuda-ipc get zcopy disabled as no nvlinks detected"), so even
+      cudaMalloc memory is READ at ~0.4 GB/s while a WRITE runs at ~190 GB/s
+      (one H100). None: not known (host memory).
     """
-    risky = (
+    not_exportable = (
         memory_kind is MemoryKind.CUDA
         and ExportKind.LEGACY_CUDA_IPC not in export_kinds
     )
+    no_fast_read = memory_kind is MemoryKind.CUDA and read_fast is False
     if setting is TransferPath.DIRECT:
         why = "transfer_path='direct'"
-        if risky:
+        if not_exportable:
             why += (
                 ": this GPU memory is not legacy-IPC exportable, so UCX will move "
                 "it by software emulation over TCP (~0.4 GB/s on H200)"
             )
+        elif no_fast_read:
+            why += (
+                ": this GPU has no active NVLink, so UCX serves a peer's READ by "
+                "software emulation over TCP (~0.4 GB/s)"
+            )
         return TransferPathChoice(TransferPath.DIRECT, why)
     if setting is TransferPath.STAGED:
         return TransferPathChoice(TransferPath.STAGED, "transfer_path='staged'")
-    if risky:
+    if not_exportable:
         return TransferPathChoice(
             TransferPath.STAGED,
             f"GPU memory exportable only as {sorted(k.value for k in export_kinds)}, "
             "not legacy CUDA IPC: UCX cuda_ipc cannot map it and would fall back "
-            "to software emulation over TCP",
+            "to software emulation over TCP; pushing through slots instead",
+        )
+    if no_fast_read:
+        return TransferPathChoice(
+            TransferPath.STAGED,
+            "no active NVLink on this GPU: UCX turns cuda_ipc READ off (a peer's "
+            "READ would be software emulation over TCP, ~0.4 GB/s) while WRITE "
+            "stays fast; pushing through slots with WRITE instead",
         )
     return TransferPathChoice(
         TransferPath.DIRECT, "memory is exportable to the transport"

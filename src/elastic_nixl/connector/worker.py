@@ -34,6 +34,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorTransferResults,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import (
+    NixlAgentMetadata,
     NixlConnectorMetadata,
     NixlHandshakePayload,
     ReqMeta,
@@ -78,6 +79,7 @@ from elastic_nixl.connector.regions import (
 )
 from elastic_nixl.connector.registration import ExtentRegistrar, RegistrationStats
 from elastic_nixl.connector.staged import AgentFactory, StagedLink, region_views
+from elastic_nixl.memory.cuda import cuda_ipc_read_available
 from elastic_nixl.memory.resolve import resolve_kv_memory
 from elastic_nixl.runs import Runs
 from elastic_nixl.staging.reader import StagedRead
@@ -155,37 +157,65 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Static memory: vLLM's registration, unchanged. Elastic memory: each
         mapped extent once, kept in sync through the memory's events."""
-        views = self._layer_views(kv_caches)
-        regions = plan_regions(views)
+        # Our view of the layers; vLLM's static path needs none (it handles
+        # what we do not, e.g. Mamba state), so a refusal waits until needed.
+        unsupported: NotImplementedError | None = None
+        regions: list[Region] = []
+        try:
+            views = self._layer_views(kv_caches)
+            regions = plan_regions(views)
+        except NotImplementedError as e:
+            unsupported = e
         memory = resolve_kv_memory(
             kv_caches,
             self.settings.allocator,
             self.num_blocks,
-            block_spans=lambda b: block_spans(regions, b),
-            num_virtual_blocks=min(v.num_blocks for v in views),
+            block_spans=(lambda b: block_spans(regions, b)) if regions else None,
+            num_virtual_blocks=min(r.num_blocks for r in regions) if regions else None,
         )
         self.memory = memory
         self._regions = regions
         self._check_transfer_path(memory)
         if memory.capabilities.stability is MappingStability.STATIC:
-            if self.transfer_path is TransferPath.STAGED:
-                raise ValueError(
-                    "kv_connector_extra_config['transfer_path'] = 'staged' serves "
-                    f"elastic KV memory; {memory.capabilities.name} is static. Use "
-                    "'auto' or 'direct'."
-                )
             if memory.capabilities.memory_kind is MemoryKind.CUDA:
                 check_expandable_segments()
+            staged = self.transfer_path is TransferPath.STAGED and self._is_producer()
+            if staged and unsupported is not None:
+                raise unsupported
             logger.info("ElasticNixlConnector: static KV memory, vLLM registration")
             super().register_kv_caches(kv_caches)
+            if staged:
+                self.staged.serve(region_views(regions, kv_caches), memory)
+                self._offer_slots_with_vllm_payload()
             return
+        if unsupported is not None:
+            raise unsupported
         self._register_elastic(kv_caches, memory, regions)
+
+    def _offer_slots_with_vllm_payload(self) -> None:
+        """Static memory on the staged path: vLLM's own handshake payload, plus
+        our staging offer (an optional field vanilla peers ignore)."""
+        payload = self.xfer_handshake_metadata
+        assert isinstance(payload, NixlHandshakePayload)
+        meta = msgspec.msgpack.decode(
+            payload.agent_metadata_bytes, type=ElasticAgentMetadata
+        )
+        meta.staging = self.staged.offer
+        self.xfer_handshake_metadata = NixlHandshakePayload(
+            compatibility_hash=payload.compatibility_hash,
+            agent_metadata_bytes=msgspec.msgpack.encode(meta),
+        )
 
     def _check_transfer_path(self, memory: KVMemory) -> None:
         """Decide, and say once, how this memory moves; never slow in silence."""
         caps = memory.capabilities
+        read_fast = (
+            cuda_ipc_read_available(memory.reservation.device)
+            if caps.memory_kind is MemoryKind.CUDA
+            else None
+        )
         choice = choose_transfer_path(
-            caps.memory_kind, caps.export_kinds, self.settings.transfer_path
+            caps.memory_kind, caps.export_kinds, self.settings.transfer_path, read_fast
         )
         self.transfer_path = choice.path
         log = logger.warning if "emulation" in choice.reason else logger.info
@@ -396,6 +426,13 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
     def _is_producer(self) -> bool:
         ktc = self.vllm_config.kv_transfer_config
         return ktc is not None and ktc.is_kv_producer
+
+    def _uses_slots_of(self, meta: NixlAgentMetadata) -> bool:
+        return (
+            isinstance(meta, ElasticAgentMetadata)
+            and meta.staging is not None
+            and self.settings.transfer_path is not TransferPath.DIRECT
+        )
 
     def _reads_staged(self, view: PeerView) -> bool:
         """Whether reads from this peer go through its slots: it offers them

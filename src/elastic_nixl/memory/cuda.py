@@ -26,6 +26,7 @@ function raises ``KVMemoryError("no CUDA device: ...")``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
@@ -537,8 +538,66 @@ class DiscoveredCudaMemory(DiscoveredMemory):
         )
 
 
+
+# --------------------------------------------------------------------------
+# Can a peer READ this device's memory fast?
+# --------------------------------------------------------------------------
+
+_NVML_SUCCESS = 0
+_NVML_MAX_LINKS = 18
+
+
+def _nvml() -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL("libnvidia-ml.so.1")
+    except OSError:
+        return None
+    if lib.nvmlInit_v2() != _NVML_SUCCESS:
+        return None
+    return lib
+
+
+def active_nvlinks(device: int) -> int | None:
+    """Active NVLink links of CUDA device ``device`` (NVML), or None when NVML
+    cannot say (no driver library, or the device is not found)."""
+    lib = _nvml()
+    if lib is None:
+        return None
+    try:
+        with _session(device) as drv:
+            dev = check(drv.cuDeviceGet(device), f"cuDeviceGet({device})")
+            bus = check(drv.cuDeviceGetPCIBusId(32, dev), "cuDeviceGetPCIBusId")
+        bus_id = bus if isinstance(bus, bytes) else str(bus).encode()
+        handle = ctypes.c_void_p()
+        if lib.nvmlDeviceGetHandleByPciBusId_v2(
+            ctypes.c_char_p(bus_id.split(b"\0")[0]), ctypes.byref(handle)
+        ):
+            return None
+        active = 0
+        for link in range(_NVML_MAX_LINKS):
+            state = ctypes.c_uint(0)
+            rc = lib.nvmlDeviceGetNvLinkState(handle, link, ctypes.byref(state))
+            if rc == _NVML_SUCCESS and state.value:
+                active += 1
+        return active
+    except KVMemoryError:
+        return None
+    finally:
+        lib.nvmlShutdown()
+
+
+def cuda_ipc_read_available(device: int) -> bool | None:
+    """Whether UCX's cuda_ipc lane serves a peer's READ of this device's
+    memory: UCX turns it off ("cuda-ipc get zcopy disabled as no nvlinks
+    detected") on a GPU with no active NVLink, the same test made here with
+    NVML. None when it cannot be told."""
+    links = active_nvlinks(device)
+    return None if links is None else links > 0
+
 __all__ = [
     "CudaDriverError",
+    "active_nvlinks",
+    "cuda_ipc_read_available",
     "CudaPointerInfo",
     "DiscoveredCudaMemory",
     "cuda_allocation_granularity",

@@ -18,13 +18,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from elastic_nixl.capabilities import KVMemoryError
 from elastic_nixl.memory.cuda import describe_cuda_pointer
-from elastic_nixl.staging.buffer import StagingBuffer, as_bytes
-from elastic_nixl.staging.protocol import Message, decode, encode
+from elastic_nixl.staging.buffer import BlockRows, StagingBuffer
+from elastic_nixl.staging.protocol import Message, StagingOffer, decode, encode
 
 logger = logging.getLogger(__name__)
 
@@ -63,23 +62,15 @@ class StagingEndpoint:
         mem_type: str,
         thread_name: str,
     ) -> None:
-        lens = {int(v.shape[1]) for v in region_views}
-        if len(lens) != 1:
-            raise NotImplementedError(
-                "staged transfers need one page size across KV regions; got "
-                f"{sorted(lens)} bytes"
-            )
         self.agent = agent
-        self.views = [_region_bytes(v) for v in region_views]
-        # Regions evenly spaced in one allocation (our allocator's layer-outer
-        # layouts): one gather/scatter kernel for all of them, not one each.
-        self.stacked = _stack(self.views)
-        self.block_len = lens.pop()
-        self.device = self.views[0].device
+        self.rows = BlockRows(region_views)
+        self.num_regions = self.rows.num_regions
+        self.block_len = self.rows.page
+        self.device = self.rows.device
         self.device_id = (self.device.index or 0) if self.device.type == "cuda" else 0
         self.mem_type = mem_type
         self.buffer = StagingBuffer(
-            len(self.views), self.block_len, slot_blocks, slots, self.device
+            self.num_regions, self.block_len, slot_blocks, slots, self.device
         )
         if self.device.type == "cuda":
             _require_exportable(self.buffer.buffer)
@@ -88,6 +79,25 @@ class StagingEndpoint:
                 [(self.buffer.geometry.base, self.buffer.nbytes, self.device_id, "")],
                 mem_type,
             )
+        )
+        self.offer = StagingOffer(
+            agent_name=agent_name(agent),
+            agent_metadata=agent.get_agent_metadata(),
+            base=self.buffer.geometry.base,
+            slots=slots,
+            slot_blocks=slot_blocks,
+            num_regions=self.num_regions,
+            block_len=self.block_len,
+            device_id=self.device_id,
+            mem_type=mem_type,  # type: ignore[arg-type]
+        )
+        # Whole-slot transfers use descriptor lists prepped once (slots never
+        # move): one make_prepped_xfer per chunk instead of building lists.
+        self._local_prep = agent.prep_xfer_dlist(
+            "NIXL_INIT_AGENT",
+            agent.get_xfer_descs(
+                self.buffer.geometry.every_slot(self.device_id), mem_type
+            ),
         )
         self.free_slots: deque[int] = deque(range(slots))
         self.stats = StagingStats()
@@ -108,6 +118,8 @@ class StagingEndpoint:
         self._thread = threading.Thread(
             target=self._main, name=thread_name, daemon=True
         )
+        self._loaded: dict[str, StagingOffer] = {}
+        self._remote_prep: dict[str, Any] = {}
 
     @property
     def slot_blocks(self) -> int:
@@ -117,19 +129,78 @@ class StagingEndpoint:
     def slots(self) -> int:
         return self.buffer.geometry.slots
 
-    def descriptors(self, slot: int, num_blocks: int) -> np.ndarray:
-        return self.buffer.geometry.descriptors(slot, num_blocks, self.device_id)
+    def write(
+        self,
+        slot: int,
+        num_blocks: int,
+        target: StagingOffer,
+        target_slot: int,
+        notif: bytes,
+    ) -> Any:
+        """Post a WRITE of our chunk in ``slot`` into ``target``'s slot; the
+        handle to poll (the caller releases it)."""
+        agent = self.agent
+        prep = self._remote_prep.get(target.agent_name)
+        full = num_blocks == self.slot_blocks == target.slot_blocks
+        if full and prep is not None:
+            handle = agent.make_prepped_xfer(
+                "WRITE", self._local_prep, [slot], prep, [target_slot], notif
+            )
+        else:
+            handle = agent.initialize_xfer(
+                "WRITE",
+                agent.get_xfer_descs(
+                    self.buffer.geometry.descriptors(slot, num_blocks, self.device_id),
+                    self.mem_type,
+                ),
+                agent.get_xfer_descs(
+                    target.geometry.descriptors(
+                        target_slot, num_blocks, target.device_id
+                    ),
+                    target.mem_type,
+                ),
+                target.agent_name,
+                notif,
+            )
+        try:
+            if agent.transfer(handle) == "ERR":
+                raise RuntimeError("NIXL transfer returned ERR")
+        except BaseException:
+            self.release(handle)
+            raise
+        return handle
+
+    def load_peer(self, offer: StagingOffer) -> None:
+        """Know a peer's agent and prep its slots, once per offer: a changed
+        offer (a restarted or fixed peer) is loaded again, never used stale."""
+        name = offer.agent_name
+        if self._loaded.get(name) == offer:
+            return
+        old = self._remote_prep.pop(name, None)
+        if old is not None:
+            self._release_dlist(old)
+        if self._loaded.pop(name, None) is not None:
+            # NIXL refuses new metadata under a name it knows (a peer that
+            # restarted under the same name): forget the old agent first.
+            self.agent.remove_remote_agent(name)
+        self.agent.add_remote_agent(offer.agent_metadata)
+        self._remote_prep[name] = self.agent.prep_xfer_dlist(
+            name,
+            self.agent.get_xfer_descs(
+                offer.geometry.every_slot(offer.device_id), offer.mem_type
+            ),
+        )
+        self._loaded[name] = offer
 
     def copy_async(
         self,
-        fn: Callable[[Sequence[torch.Tensor] | torch.Tensor, torch.Tensor, int], None],
+        fn: Callable[[BlockRows, torch.Tensor, int], None],
         block_ids: Sequence[int],
         slot: int,
     ) -> torch.cuda.Event | None:
         """Run a gather or scatter; on CUDA on our stream, with an event to poll."""
-        blocks = self.views if self.stacked is None else self.stacked
         if self._stream is None:
-            fn(blocks, torch.as_tensor(list(block_ids), dtype=torch.long), slot)
+            fn(self.rows, torch.as_tensor(list(block_ids), dtype=torch.long), slot)
             return None
         # A copy from pageable memory would wait for the stream's earlier
         # copies; the slot's own pinned index buffer is free (its previous
@@ -140,7 +211,7 @@ class StagingEndpoint:
         with torch.cuda.stream(self._stream):
             idx = self._device_ids[slot, :n]
             idx.copy_(host, non_blocking=True)
-            fn(blocks, idx, slot)
+            fn(self.rows, idx, slot)
             event = torch.cuda.Event()
             event.record(self._stream)
         return event
@@ -215,48 +286,33 @@ class StagingEndpoint:
             logger.warning("staging: cannot notify %s: %s", peer, e)
 
     def close(self) -> None:
+        """Stop the thread, release descriptor lists, deregister the slots."""
         self._halt()
+        for prep in [self._local_prep, *self._remote_prep.values()]:
+            self._release_dlist(prep)
+        self._remote_prep.clear()
         try:
             self.agent.deregister_memory(self._reg)
         except Exception:  # noqa: BLE001 - best effort at shutdown
             logger.exception("staging: deregistration failed")
 
+    def release(self, handle: Any) -> None:
+        """Release a transfer handle; a failure is logged."""
+        try:
+            self.agent.release_xfer_handle(handle)
+        except Exception:  # noqa: BLE001
+            logger.exception("staging: cannot release a transfer handle")
 
-def _stack(views: Sequence[torch.Tensor]) -> torch.Tensor | None:
-    """``[regions, num_blocks, page]`` over the same memory, if the regions are
-    equally shaped and evenly spaced in one storage; else None."""
-    first = views[0]
-    storage = first.untyped_storage()
-    step = views[1].data_ptr() - first.data_ptr() if len(views) > 1 else 0
-    if len(views) > 1 and step <= 0:
-        return None
-    for i, v in enumerate(views):
-        if (
-            v.data_ptr() != first.data_ptr() + i * step
-            or v.shape != first.shape
-            or v.stride() != first.stride()
-            or v.untyped_storage().data_ptr() != storage.data_ptr()
-        ):
-            return None
-    return torch.empty(0, dtype=torch.uint8, device=first.device).set_(
-        storage,
-        first.data_ptr() - storage.data_ptr(),
-        (len(views), *first.shape),
-        (step, *first.stride()),
-    )
+    def _release_dlist(self, prep: Any) -> None:
+        try:
+            self.agent.release_dlist_handle(prep)
+        except Exception:  # noqa: BLE001 - best effort
+            logger.exception("staging: cannot release a descriptor list")
 
 
 def is_done(event: torch.cuda.Event | None) -> bool:
     """Whether a copy recorded as ``event`` finished (None: it ran inline)."""
     return event is None or bool(event.query())
-
-
-def _region_bytes(view: torch.Tensor) -> torch.Tensor:
-    if view.ndim != 2:
-        raise ValueError(
-            f"region view must be [num_blocks, page], got {tuple(view.shape)}"
-        )
-    return as_bytes(view)
 
 
 def _require_exportable(buffer: torch.Tensor) -> None:

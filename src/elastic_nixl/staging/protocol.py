@@ -1,13 +1,15 @@
-"""The staged path's wire format: the producer's offer and the control messages.
+"""The staged path's wire format: the offers and the control messages.
 
-Staged reads: KV blocks moved through exportable bounce slots.
-
-VMM memory cannot be exported to UCX's ``cuda_ipc`` lane, so a peer reading
-it directly gets TCP emulation (~0.4 GB/s on H200, ``docs/gpu.md``). On the
-staged path the producer gathers the blocks a consumer asks for into a slot
-of a registered, exportable buffer; the consumer READs the whole slot into a
-slot of its own (one descriptor per region) and scatters it into its blocks.
-Slots are bounded and reused, and chunks are pipelined over them.
+Staged transfers move KV blocks through exportable bounce slots. VMM memory
+cannot be exported to UCX's ``cuda_ipc`` lane, and without NVLink UCX also
+turns ``cuda_ipc`` READ off for any memory ("cuda-ipc get zcopy disabled as
+no nvlinks detected"): a peer reading directly gets TCP emulation (~0.4 GB/s
+against ~190 GB/s for a WRITE on one H100). So the producer *pushes*: it
+gathers the blocks a consumer asks for into one of its slots and WRITEs the
+slot into a slot the consumer granted; the consumer scatters it into its
+blocks and grants the slot again. Slots are bounded and reused, and chunks
+are pipelined over them. A chunk of ``n`` blocks is packed, so one
+descriptor moves it.
 
 Each side drives a NIXL agent of its own from one thread (``StagingServer``
 on the producer, ``StagedReader`` on the consumer); vLLM's agent stays with
@@ -15,28 +17,32 @@ vLLM's threads. Control messages are NIXL notifications between the two
 staging agents, so no port beyond NIXL's is needed:
 
 ====================  =========================================================
-consumer -> producer  ``Stage(xfer, block_ids, max_blocks, reply_metadata)``
-producer -> consumer  ``Ready(xfer, chunk, slot, num_blocks)`` per chunk, as
-                      slots free up; or ``Failed(xfer, reason)``
-consumer READ         remote slot -> local slot; once it completes,
-consumer -> producer  ``Done(xfer, chunk, slot)``: the producer reuses the slot
+consumer -> producer  ``Stage(xfer, block_ids, max_blocks, reader, grants)``:
+                      the blocks, the consumer's slots (``reader``, on first
+                      contact) and slots for the first chunks (``grants``)
+consumer -> producer  ``Grant(xfer, chunk, slot)``: consumer slot ``slot`` may
+                      receive chunk ``chunk``
+producer WRITE        producer slot -> granted consumer slot, carrying the
+                      notification ``Written(xfer, chunk, slot, num_blocks)``,
+                      which NIXL delivers once the bytes are there
+producer -> consumer  ``Failed(xfer, reason)``: the transfer is over; also the
+                      answer to ``Cancel`` once no WRITE of it is in flight
 consumer -> producer  ``Cancel(xfer)`` when it gives up on a transfer
 ====================  =========================================================
 
-The producer leases the blocks of a transfer for its whole life, so they
-stay mapped while they are gathered, and refuses blocks that are not mapped
-before touching them (a gather from unmapped VMM memory would fault the GPU).
+The producer leases the blocks of a transfer until no gather of it can run,
+so they stay mapped while they are gathered, and refuses blocks that are not
+mapped before touching them (a gather from unmapped VMM memory would fault
+the GPU). The consumer never reuses a slot it granted until the WRITE into it
+has been announced, or the producer has said the transfer is over.
 
 **Every message is untrusted.** It is decoded against the schema below
 (types and ranges: a message that does not fit is dropped, alone) and then
 checked against the state it names: a transfer is ``(sender, xfer)``, a chunk
-is its index, a slot is named with the chunk it holds. So a duplicated,
+is its index, a slot is named with the chunk granted it. So a duplicated,
 forged or out-of-order message matches nothing and is ignored, or fails its
 transfer; it never completes one. A transfer succeeds only when every one of
-its chunks, by index, has arrived.
-
-Nothing here imports vLLM: the same classes run in the connector and in the
-GPU benchmark.
+its chunks, by index, has arrived once.
 """
 
 from __future__ import annotations
@@ -68,7 +74,8 @@ Address = Annotated[int, msgspec.Meta(ge=0, le=_ADDRESS_LIMIT)]
 
 
 class StagingOffer(msgspec.Struct, frozen=True, forbid_unknown_fields=False):
-    """What a producer advertises in its handshake: where its slots are.
+    """Where a side's slots are: what a producer advertises in its handshake,
+    and what a consumer sends with its first ``Stage``.
 
     Decoding checks each field's type and range; :meth:`validate` checks that
     the slots fit in the address space, naming the field that does not.
@@ -117,14 +124,20 @@ class Stage(msgspec.Struct, tag="stage", frozen=True):
     ]
     # Largest chunk the consumer's own slots hold.
     max_blocks: Count
-    # The consumer's staging agent metadata, on its first message to a
-    # producer agent, so the producer can answer.
-    reply_metadata: (
-        Annotated[bytes, msgspec.Meta(max_length=MAX_METADATA_BYTES)] | None
-    ) = None
+    # The consumer's slots (and agent metadata), on its first message to a
+    # producer agent, so the producer can write to them.
+    reader: StagingOffer | None = None
+    # Consumer slots granted to chunks 0, 1, ...: the producer may start at once.
+    grants: Annotated[list[SlotIndex], msgspec.Meta(max_length=MAX_SLOTS)] = []
 
 
-class Ready(msgspec.Struct, tag="ready", frozen=True):
+class Grant(msgspec.Struct, tag="grant", frozen=True):
+    xfer: Name
+    chunk: Index
+    slot: SlotIndex
+
+
+class Written(msgspec.Struct, tag="written", frozen=True):
     xfer: Name
     chunk: Index
     slot: SlotIndex
@@ -136,17 +149,11 @@ class Failed(msgspec.Struct, tag="failed", frozen=True):
     reason: Annotated[str, msgspec.Meta(max_length=MAX_REASON)]
 
 
-class Done(msgspec.Struct, tag="done", frozen=True):
-    xfer: Name
-    chunk: Index
-    slot: SlotIndex
-
-
 class Cancel(msgspec.Struct, tag="cancel", frozen=True):
     xfer: Name
 
 
-Message = Stage | Ready | Failed | Done | Cancel
+Message = Stage | Grant | Written | Failed | Cancel
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Message)
 

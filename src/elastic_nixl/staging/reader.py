@@ -1,10 +1,13 @@
-"""The consumer's side of the staged path: ask, READ whole slots, scatter.
+"""The consumer's side of the staged path: grant slots, scatter what arrives.
 
 See :mod:`elastic_nixl.staging.protocol` for the messages. A read is split
-into chunks no larger than either side's slot; each ``Ready`` chunk is READ
-from the producer's slot into one of ours (prepped descriptor lists: slots
-never move), acknowledged with ``Done`` and scattered into the blocks.
-Results are collected by the engine's thread with :meth:`StagedReader.poll_results`.
+into chunks no larger than either side's slot. The reader grants its free
+slots to chunks (transfers taking turns); the producer WRITEs each chunk into
+its slot and NIXL delivers ``Written`` once the bytes are there; the reader
+scatters the slot into the blocks and grants it again. A slot granted to a
+transfer that failed is reused only once the producer said the transfer is
+over (so no late WRITE can land in it), or after twice the timeout. Results
+are collected by the engine's thread with :meth:`StagedReader.poll_results`.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import itertools
 import logging
 import queue
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,12 +31,12 @@ from elastic_nixl.staging.endpoint import (
 from elastic_nixl.staging.protocol import (
     MAX_BLOCKS_PER_TRANSFER,
     Cancel,
-    Done,
     Failed,
+    Grant,
     Message,
-    Ready,
     Stage,
     StagingOffer,
+    Written,
     encode,
 )
 
@@ -57,12 +59,14 @@ class _Transfer:
     xfer: str
     chunks: list[list[int]]  # positions into the read's block lists
     deadline: float
-    ready: deque[tuple[int, int]] = field(default_factory=deque)  # (chunk, slot)
-    announced: set[int] = field(default_factory=set)  # chunks a Ready named
+    granted: dict[int, int] = field(default_factory=dict)  # chunk -> our slot
+    next_grant: int = 0  # chunks below this one have been granted
+    written: set[int] = field(default_factory=set)  # chunks a Written named
     arrived: set[int] = field(default_factory=set)  # chunks scattered
-    in_flight: int = 0  # READs and scatters touching our slots
+    scattering: int = 0
     error: str | None = None
     finished: bool = False
+    quarantine_until: float = 0.0  # slots held for a failed transfer
 
     @property
     def producer(self) -> str:
@@ -73,11 +77,11 @@ _xfer_ids = itertools.count()
 
 
 class StagedReader(StagingEndpoint):
-    """Consumer side: asks producers to stage, READs slots, scatters them.
+    """Consumer side: asks producers to push, scatters what they write.
 
-    A transfer succeeds only when each of its chunks, by index, was announced
-    once, read and scattered; anything else a producer sends is dropped or
-    fails that transfer alone.
+    A transfer succeeds only when each of its chunks, by index, was written
+    once into the slot granted to it and scattered; anything else a producer
+    sends is dropped or fails that transfer alone.
     """
 
     def __init__(
@@ -96,22 +100,10 @@ class StagedReader(StagingEndpoint):
         self._inbox: queue.Queue[StagedRead] = queue.Queue()
         self._results: queue.Queue[tuple[str, str | None]] = queue.Queue()
         self._transfers: dict[tuple[str, str], _Transfer] = {}
-        # Producer agent -> the offer we loaded it from: a changed offer (a
-        # restarted or fixed producer) is loaded again, never used stale.
-        self._loaded: dict[str, StagingOffer] = {}
-        self._told: set[str] = set()
-        self._reads: list[tuple[Any, _Transfer, int, int, int]] = []
+        # Failed transfers whose granted slots wait for the producer's word.
+        self._quarantined: dict[tuple[str, str], _Transfer] = {}
+        self._told: dict[str, StagingOffer] = {}  # producer -> offer we told
         self._scatters: list[tuple[torch.cuda.Event | None, _Transfer, int, int]] = []
-        self._my_metadata = agent.get_agent_metadata()
-        # Whole-slot READs use descriptor lists prepped once (slots never
-        # move): one make_prepped_xfer per chunk instead of building lists.
-        self._local_prep = agent.prep_xfer_dlist(
-            "NIXL_INIT_AGENT",
-            agent.get_xfer_descs(
-                self.buffer.geometry.every_slot(self.device_id), mem_type
-            ),
-        )
-        self._remote_prep: dict[str, Any] = {}
         self.start()
 
     # -- called from other threads ------------------------------------------
@@ -131,13 +123,13 @@ class StagedReader(StagingEndpoint):
                 f"{MAX_BLOCKS_PER_TRANSFER}"
             )
         offer = read.offer.validate()
-        if offer.num_regions != len(self.views) or offer.block_len != self.block_len:
+        if offer.num_regions != self.num_regions or offer.block_len != self.block_len:
             raise ValueError(
                 f"request {read.req_id}: producer staging slots hold "
                 f"{offer.num_regions} regions of {offer.block_len}-byte pages, "
-                f"this engine has {len(self.views)} of {self.block_len}"
+                f"this engine has {self.num_regions} of {self.block_len}"
             )
-        capacity = int(self.views[0].shape[0])
+        capacity = self.rows.num_blocks
         bad = [b for b in read.local_block_ids if not 0 <= int(b) < capacity]
         if bad:
             raise ValueError(
@@ -174,32 +166,10 @@ class StagedReader(StagingEndpoint):
     def step(self) -> bool:
         self._start_new()
         self.drain_notifications()
-        self._post_reads()
-        self._check_reads()
         self._check_scatters()
         self._expire()
-        return bool(self._reads or self._scatters or self._transfers)
-
-    def _load(self, offer: StagingOffer) -> None:
-        """Know the producer's agent and prep its slot descriptors, once per
-        offer."""
-        name = offer.agent_name
-        if self._loaded.get(name) == offer:
-            return
-        old = self._remote_prep.pop(name, None)
-        if old is not None:
-            self._release_dlist(old)
-        self._loaded.pop(name, None)
-        self._told.discard(name)
-        self.agent.add_remote_agent(offer.agent_metadata)
-        if offer.slot_blocks == self.slot_blocks:
-            self._remote_prep[name] = self.agent.prep_xfer_dlist(
-                name,
-                self.agent.get_xfer_descs(
-                    offer.geometry.every_slot(offer.device_id), offer.mem_type
-                ),
-            )
-        self._loaded[name] = offer
+        self._grant_free_slots()
+        return bool(self._scatters or self._transfers)
 
     def _start_new(self) -> None:
         while True:
@@ -211,8 +181,8 @@ class StagedReader(StagingEndpoint):
             t = _Transfer(
                 read,
                 f"{read.req_id}#{next(_xfer_ids)}",
-                # Chunks are the smaller of the two sides' slots, the rule the
-                # producer applies to Stage.max_blocks.
+                # Chunks are the smallest of the two sides' slots, the rule the
+                # producer applies with Stage.max_blocks.
                 chunk_ids(
                     range(len(read.local_block_ids)),
                     min(self.slot_blocks, offer.slot_blocks),
@@ -220,8 +190,9 @@ class StagedReader(StagingEndpoint):
                 time.monotonic() + self._timeout,
             )
             try:
-                self._load(offer)
-                first = offer.agent_name not in self._told
+                self.load_peer(offer)
+                first = self._told.get(offer.agent_name) != offer
+                grants = self._take_grants(t)
                 self.agent.send_notif(
                     offer.agent_name,
                     encode(
@@ -229,43 +200,79 @@ class StagedReader(StagingEndpoint):
                             t.xfer,
                             [int(b) for b in read.remote_block_ids],
                             self.slot_blocks,
-                            self._my_metadata if first else None,
+                            self.offer if first else None,
+                            grants,
                         )
                     ),
                 )
-                self._told.add(offer.agent_name)
+                self._told[offer.agent_name] = offer
             except Exception as e:  # noqa: BLE001 - fails this request alone
+                self.free_slots.extend(t.granted.values())
                 self._finish(t, f"cannot reach producer staging agent: {e}")
                 continue
             self._transfers[(offer.agent_name, t.xfer)] = t
 
-    def handle(self, peer: str, msg: Message) -> None:
-        if isinstance(msg, Ready):
-            self._on_ready(peer, msg)
-        elif isinstance(msg, Failed):
-            t = self._transfers.get((peer, msg.xfer))
-            if t is None:
-                self.reject(peer, f"Failed for {msg.xfer}, a transfer not running")
+    def _take_grants(self, t: _Transfer) -> list[int]:
+        """Free slots for the next chunks of ``t``, in chunk order."""
+        slots = []
+        while self.free_slots and t.next_grant < len(t.chunks):
+            slot = self.free_slots.popleft()
+            t.granted[t.next_grant] = slot
+            t.next_grant += 1
+            slots.append(slot)
+        return slots
+
+    def _grant_free_slots(self) -> None:
+        """Give free slots to transfers that still have chunks to grant,
+        oldest first, one slot each per round."""
+        while self.free_slots:
+            waiting = [
+                t
+                for t in self._transfers.values()
+                if t.error is None and t.next_grant < len(t.chunks)
+            ]
+            if not waiting:
                 return
-            self._fail(t, msg.reason, tell_producer=False)
+            for t in waiting:
+                if not self.free_slots:
+                    return
+                slot = self.free_slots.popleft()
+                chunk = t.next_grant
+                t.granted[chunk] = slot
+                t.next_grant += 1
+                self.send(t.producer, Grant(t.xfer, chunk, slot))
+
+    def handle(self, peer: str, msg: Message) -> None:
+        if isinstance(msg, Written):
+            self._on_written(peer, msg)
+        elif isinstance(msg, Failed):
+            key = (peer, msg.xfer)
+            t = self._transfers.get(key)
+            if t is not None:
+                self._fail(t, msg.reason, tell_producer=False)
+                # The producer writes nothing more for it: its slots are free.
+                self._release_quarantine(t)
+            elif key in self._quarantined:
+                self._release_quarantine(self._quarantined.pop(key))
+            else:
+                self.reject(peer, f"Failed for {msg.xfer}, a transfer not running")
         else:
             self.reject(peer, f"{type(msg).__name__} is not a producer's message")
 
-    def _on_ready(self, peer: str, msg: Ready) -> None:
+    def _on_written(self, peer: str, msg: Written) -> None:
         t = self._transfers.get((peer, msg.xfer))
         if t is None or t.error is not None:
-            # Not ours, or given up (the producer was told with Cancel, which
-            # frees every slot of the transfer).
-            self.reject(peer, f"Ready for {msg.xfer}, a transfer not running")
+            self.reject(peer, f"Written for {msg.xfer}, a transfer not running")
             return
-        if msg.chunk in t.announced:
-            self.reject(peer, f"Ready repeats chunk {msg.chunk} of {msg.xfer}")
+        if msg.chunk in t.written:
+            self.reject(peer, f"Written repeats chunk {msg.chunk} of {msg.xfer}")
             return
+        slot = t.granted.get(msg.chunk)
         why = None
         if msg.chunk >= len(t.chunks):
             why = f"chunk {msg.chunk} of a {len(t.chunks)}-chunk transfer"
-        elif msg.slot >= t.read.offer.slots:
-            why = f"slot {msg.slot} of {t.read.offer.slots}"
+        elif slot is None or slot != msg.slot:
+            why = f"chunk {msg.chunk} in slot {msg.slot}, which was not granted it"
         elif msg.num_blocks != len(t.chunks[msg.chunk]):
             why = (
                 f"{msg.num_blocks} blocks for chunk {msg.chunk}, expected "
@@ -273,101 +280,33 @@ class StagedReader(StagingEndpoint):
             )
         if why is not None:
             self.stats.rejected_messages += 1
-            self._fail(t, f"producer announced {why}")
+            self._fail(t, f"producer wrote {why}")
             return
-        t.announced.add(msg.chunk)
-        t.ready.append((msg.chunk, msg.slot))
-
-    def _post_reads(self) -> None:
-        for t in list(self._transfers.values()):
-            while t.ready and self.free_slots and t.error is None:
-                chunk, remote_slot = t.ready.popleft()
-                n = len(t.chunks[chunk])
-                local_slot = self.free_slots.popleft()
-                offer = t.read.offer
-                handle = None
-                remote_prep = self._remote_prep.get(offer.agent_name)
-                regions = len(self.views)
-                try:
-                    if remote_prep is not None and n == self.slot_blocks:
-                        handle = self.agent.make_prepped_xfer(
-                            "READ",
-                            self._local_prep,
-                            [local_slot * regions + r for r in range(regions)],
-                            remote_prep,
-                            [remote_slot * regions + r for r in range(regions)],
-                        )
-                    else:
-                        handle = self.agent.initialize_xfer(
-                            "READ",
-                            self.agent.get_xfer_descs(
-                                self.descriptors(local_slot, n), self.mem_type
-                            ),
-                            self.agent.get_xfer_descs(
-                                offer.geometry.descriptors(
-                                    remote_slot, n, offer.device_id
-                                ),
-                                offer.mem_type,
-                            ),
-                            offer.agent_name,
-                        )
-                    state = self.agent.transfer(handle)
-                    if state == "ERR":
-                        raise RuntimeError("NIXL transfer returned ERR")
-                except Exception as e:  # noqa: BLE001 - fails this request alone
-                    self.free_slots.append(local_slot)
-                    if handle is not None:
-                        self._release(handle)
-                    self._fail(t, f"READ of producer slot {remote_slot} failed: {e}")
-                    break
-                t.in_flight += 1
-                self._reads.append((handle, t, chunk, local_slot, remote_slot))
-
-    def _check_reads(self) -> None:
-        pending = []
-        for item in self._reads:
-            handle, t, chunk, local_slot, remote_slot = item
-            try:
-                state = self.agent.check_xfer_state(handle)
-            except Exception as e:  # noqa: BLE001
-                state = f"ERR ({e})"
-            if state == "PROC":
-                pending.append(item)
-                continue
-            self._release(handle)
-            # The producer may refill its slot now. Sent on its own, not riding
-            # on the READ; that change together with pinned index copies took
-            # 1 GiB from 64 to 99 GB/s on H200 (docs/gpu.md).
-            self.send(t.producer, Done(t.xfer, chunk, remote_slot))
-            t.in_flight -= 1
-            if state != "DONE" or t.error is not None:
-                self.free_slots.append(local_slot)
-                self._fail(t, t.error or f"READ of chunk {chunk} ended in {state}")
-                continue
-            local_ids = [t.read.local_block_ids[i] for i in t.chunks[chunk]]
-            try:
-                event = self.copy_async(self.buffer.scatter, local_ids, local_slot)
-            except Exception as e:  # noqa: BLE001 - fails this request alone
-                self.free_slots.append(local_slot)
-                self._fail(t, f"scatter of chunk {chunk} failed: {e}")
-                continue
-            t.in_flight += 1
-            self._scatters.append((event, t, chunk, local_slot))
-        self._reads = pending
+        assert slot is not None
+        local_ids = [t.read.local_block_ids[i] for i in t.chunks[msg.chunk]]
+        try:
+            event = self.copy_async(self.buffer.scatter, local_ids, slot)
+        except Exception as e:  # noqa: BLE001 - fails this request alone
+            self._fail(t, f"scatter of chunk {msg.chunk} failed: {e}")
+            return
+        del t.granted[msg.chunk]
+        t.written.add(msg.chunk)
+        t.scattering += 1
+        self._scatters.append((event, t, msg.chunk, slot))
 
     def _check_scatters(self) -> None:
         pending = []
-        for event, t, chunk, local_slot in self._scatters:
+        for event, t, chunk, slot in self._scatters:
             if not is_done(event):
-                pending.append((event, t, chunk, local_slot))
+                pending.append((event, t, chunk, slot))
                 continue
-            self.free_slots.append(local_slot)
-            t.in_flight -= 1
+            self.free_slots.append(slot)
+            t.scattering -= 1
             t.arrived.add(chunk)
             n = len(t.chunks[chunk])
             self.stats.chunks += 1
             self.stats.blocks += n
-            self.stats.bytes += n * self.block_len * len(self.views)
+            self.stats.bytes += self.buffer.geometry.chunk_bytes(n)
             if t.error is not None:
                 self._fail(t, t.error)
             elif len(t.arrived) == len(t.chunks):
@@ -385,18 +324,29 @@ class StagedReader(StagingEndpoint):
                     f"{self._timeout:.0f} s ({len(t.arrived)}/{len(t.chunks)} "
                     "chunks)",
                 )
+        for key, t in list(self._quarantined.items()):
+            if now > t.quarantine_until:  # a producer that never answered
+                del self._quarantined[key]
+                self._release_quarantine(t)
 
     def _fail(self, t: _Transfer, reason: str, tell_producer: bool = True) -> None:
-        """Fail once no READ or scatter of ours still touches its slots."""
+        """Fail once no scatter of ours still reads its slots; its granted
+        slots wait for the producer to say it writes no more."""
         if t.error is None:
             t.error = reason
             self.stats.failures += 1
             if tell_producer:
-                # Cancel frees every slot the producer holds for the transfer.
                 self.send(t.producer, Cancel(t.xfer))
-            t.ready.clear()
-        if t.in_flight == 0:
+            if t.granted:
+                t.quarantine_until = time.monotonic() + 2 * self._timeout
+                self._quarantined[(t.producer, t.xfer)] = t
+        if t.scattering == 0:
             self._finish(t, t.error)
+
+    def _release_quarantine(self, t: _Transfer) -> None:
+        self._quarantined.pop((t.producer, t.xfer), None)
+        self.free_slots.extend(t.granted.values())
+        t.granted.clear()
 
     def _finish(self, t: _Transfer, error: str | None) -> None:
         if t.finished:
@@ -404,22 +354,3 @@ class StagedReader(StagingEndpoint):
         t.finished = True
         self._transfers.pop((t.producer, t.xfer), None)
         self._results.put((t.read.req_id, error))
-
-    def close(self) -> None:
-        self._halt()
-        for prep in [self._local_prep, *self._remote_prep.values()]:
-            self._release_dlist(prep)
-        self._remote_prep.clear()
-        super().close()
-
-    def _release_dlist(self, prep: Any) -> None:
-        try:
-            self.agent.release_dlist_handle(prep)
-        except Exception:  # noqa: BLE001 - best effort
-            logger.exception("staged reader: cannot release a descriptor list")
-
-    def _release(self, handle: Any) -> None:
-        try:
-            self.agent.release_xfer_handle(handle)
-        except Exception:  # noqa: BLE001
-            logger.exception("staged reader: cannot release a transfer handle")

@@ -1,10 +1,12 @@
-"""The producer's side of the staged path: gather requested blocks into slots.
+"""The producer's side of the staged path: gather blocks, WRITE them to a consumer.
 
 See :mod:`elastic_nixl.staging.protocol` for the messages. A ``Stage`` leases
-the blocks for the whole transfer (so they stay mapped while gathered) and is
-refused, before any GPU access, when a block is not mapped; chunks are then
-gathered into free slots, jobs taking turns, and announced with ``Ready``.
-A slot comes back with ``Done``, or by timeout from a consumer that vanished.
+the blocks for the transfer (so they stay mapped while they are gathered) and
+is refused, before any GPU access, when a block is not mapped. A chunk moves
+once the consumer granted it a slot and one of ours is free: gather into our
+slot, WRITE into theirs with ``Written`` as the notification, free our slot
+when the WRITE completes. Jobs take turns; one that makes no progress for the
+timeout (a consumer that vanished) is failed and its lease released.
 """
 
 from __future__ import annotations
@@ -23,17 +25,17 @@ from elastic_nixl.staging.buffer import chunk_ids
 from elastic_nixl.staging.endpoint import (
     DEFAULT_TIMEOUT_S,
     StagingEndpoint,
-    agent_name,
     is_done,
 )
 from elastic_nixl.staging.protocol import (
     Cancel,
-    Done,
     Failed,
+    Grant,
     Message,
-    Ready,
     Stage,
     StagingOffer,
+    Written,
+    encode,
 )
 
 logger = logging.getLogger(__name__)
@@ -48,27 +50,24 @@ _RECENT = 4096
 class _Job:
     key: Key
     chunks: list[list[int]]
-    lease: Lease
-    next_chunk: int = 0
-    # slot -> chunk for the slots this job holds (gathering or announced).
-    held: dict[int, int] = field(default_factory=dict)
-    acked: set[int] = field(default_factory=set)
-
-
-@dataclass
-class _Slot:
-    key: Key
-    chunk: int
-    announced: bool  # Ready sent: the consumer may read it, and ack it
-    since: float
+    lease: Lease | None
+    target: StagingOffer
+    granted: dict[int, int] = field(default_factory=dict)  # chunk -> their slot
+    started: set[int] = field(default_factory=set)  # gathered or being written
+    sent: set[int] = field(default_factory=set)  # WRITE completed
+    gathering: int = 0  # gathers in flight: the lease must outlive them
+    writing: int = 0
+    ended: bool = False
+    reason: str | None = None  # why it ended early; None: every chunk sent
+    active: float = field(default_factory=time.monotonic)
 
 
 class StagingServer(StagingEndpoint):
-    """Producer side: gathers requested blocks into slots for consumers.
+    """Producer side: pushes requested blocks through slots into consumers'.
 
-    State is keyed by transfer ``(consumer agent, xfer)``, and each held slot
-    remembers the chunk in it, so ``Done`` frees a slot only when it names
-    the transfer, chunk and slot that are actually there.
+    State is keyed by transfer ``(consumer agent, xfer)``; a chunk moves only
+    into the slot its consumer granted for it, and each consumer slot holds
+    at most one grant at a time.
     """
 
     def __init__(
@@ -89,20 +88,11 @@ class StagingServer(StagingEndpoint):
         self._jobs: dict[Key, _Job] = {}
         self._ended: OrderedDict[Key, None] = OrderedDict()
         self._order: deque[Key] = deque()
-        self._slot_state: dict[int, _Slot] = {}
-        self._gathering: list[tuple[torch.cuda.Event | None, int]] = []
-        self._known_peers: set[str] = set()
-        self.offer = StagingOffer(
-            agent_name=agent_name(agent),
-            agent_metadata=agent.get_agent_metadata(),
-            base=self.buffer.geometry.base,
-            slots=slots,
-            slot_blocks=slot_blocks,
-            num_regions=len(self.views),
-            block_len=self.block_len,
-            device_id=self.device_id,
-            mem_type=mem_type,  # type: ignore[arg-type]
-        )
+        self._readers: dict[str, StagingOffer] = {}
+        # consumer agent -> its slots granted to a chunk not yet written
+        self._claimed: dict[str, set[int]] = {}
+        self._gathering: list[tuple[torch.cuda.Event | None, int, _Job, int]] = []
+        self._writing: list[tuple[Any, int, _Job, int]] = []
         self.start()
 
     @property
@@ -113,28 +103,31 @@ class StagingServer(StagingEndpoint):
     def step(self) -> bool:
         self.drain_notifications()
         self._finish_gathers()
+        self._finish_writes()
         self._dispatch()
         self._expire()
-        return bool(self._gathering or self._order)
+        return bool(self._gathering or self._writing or self._order)
 
     def handle(self, peer: str, msg: Message) -> None:
         if isinstance(msg, Stage):
             self._on_stage(peer, msg)
-        elif isinstance(msg, Done):
-            self._on_done(peer, msg)
+        elif isinstance(msg, Grant):
+            self._on_grant(peer, msg)
         elif isinstance(msg, Cancel):
             job = self._jobs.get((peer, msg.xfer))
-            if job is not None:
-                self._end(job)
+            if job is None:
+                self.reject(peer, f"Cancel for {msg.xfer}, a transfer not running")
+                return
+            self._end(job, "cancelled by the consumer")
         else:
             self.reject(peer, f"{type(msg).__name__} is not a consumer's message")
 
     def _on_stage(self, peer: str, msg: Stage) -> None:
-        if msg.reply_metadata is not None and peer not in self._known_peers:
-            self.agent.add_remote_agent(msg.reply_metadata)
-            self._known_peers.add(peer)
-        if peer not in self._known_peers:
-            self.reject(peer, f"Stage {msg.xfer} from an agent that sent no metadata")
+        if msg.reader is not None:
+            self._know_reader(peer, msg.reader)
+        target = self._readers.get(peer)
+        if target is None:
+            self.reject(peer, f"Stage {msg.xfer} from an agent that sent no slots")
             return
         key = (peer, msg.xfer)
         if key in self._jobs or key in self._ended:
@@ -148,84 +141,163 @@ class StagingServer(StagingEndpoint):
             self._remember(key)
             self.send(peer, Failed(msg.xfer, f"producer cannot stage blocks: {e}"))
             return
-        step = min(self.slot_blocks, msg.max_blocks)
-        self._jobs[key] = _Job(key, chunk_ids(msg.block_ids, step), lease)
+        step = min(self.slot_blocks, target.slot_blocks, msg.max_blocks)
+        job = _Job(key, chunk_ids(msg.block_ids, step), lease, target)
+        self._jobs[key] = job
         self._order.append(key)
+        for chunk, slot in enumerate(msg.grants):
+            self._grant(job, chunk, slot)
+
+    def _know_reader(self, peer: str, offer: StagingOffer) -> None:
+        if offer.agent_name != peer:
+            raise ValueError(f"{peer} sent the slots of agent {offer.agent_name!r}")
+        offer.validate()
+        if offer.num_regions != self.num_regions or offer.block_len != self.block_len:
+            raise ValueError(
+                f"consumer {peer} slots hold {offer.num_regions} regions of "
+                f"{offer.block_len}-byte pages; this engine has "
+                f"{self.num_regions} of {self.block_len}"
+            )
+        self.load_peer(offer)
+        self._readers[peer] = offer
+        self._claimed.setdefault(peer, set())
+
+    def _on_grant(self, peer: str, msg: Grant) -> None:
+        job = self._jobs.get((peer, msg.xfer))
+        if job is None:
+            self.reject(peer, f"Grant for {msg.xfer}, a transfer not running")
+            return
+        self._grant(job, msg.chunk, msg.slot)
+
+    def _grant(self, job: _Job, chunk: int, slot: int) -> None:
+        peer = job.key[0]
+        why = None
+        if chunk >= len(job.chunks):
+            why = f"chunk {chunk} of a {len(job.chunks)}-chunk transfer"
+        elif chunk in job.granted or chunk in job.sent:
+            why = f"chunk {chunk} again"
+        elif slot >= job.target.slots:
+            why = f"slot {slot} of {job.target.slots}"
+        elif slot in self._claimed[peer]:
+            why = f"slot {slot}, which holds another chunk's grant"
+        if why is not None:
+            self.reject(peer, f"Grant for {job.key[1]} names {why}")
+            return
+        job.granted[chunk] = slot
+        self._claimed[peer].add(slot)
+        job.active = time.monotonic()
 
     def _dispatch(self) -> None:
-        """Gather the next chunks into free slots, jobs taking turns."""
-        while self.free_slots and self._order:
+        """Gather granted chunks into free slots, jobs taking turns."""
+        rounds = len(self._order)
+        while self.free_slots and self._order and rounds > 0:
+            rounds -= 1
             key = self._order.popleft()
             job = self._jobs.get(key)
-            if job is None or job.next_chunk >= len(job.chunks):
+            if job is None:
                 continue
-            slot = self.free_slots.popleft()
-            chunk = job.next_chunk
-            job.next_chunk += 1
-            job.held[slot] = chunk
-            self._slot_state[slot] = _Slot(key, chunk, False, time.monotonic())
-            event = self.copy_async(self.buffer.gather, job.chunks[chunk], slot)
-            self._gathering.append((event, slot))
-            if job.next_chunk < len(job.chunks):
+            ready = [c for c in job.granted if c not in job.started]
+            if ready:
+                chunk = min(ready)
+                slot = self.free_slots.popleft()
+                job.started.add(chunk)
+                job.gathering += 1
+                event = self.copy_async(self.buffer.gather, job.chunks[chunk], slot)
+                self._gathering.append((event, slot, job, chunk))
+                rounds = len(self._order) + 1
+            if len(job.started) < len(job.chunks):
                 self._order.append(key)
 
     def _finish_gathers(self) -> None:
         pending = []
-        for event, slot in self._gathering:
+        for item in self._gathering:
+            event, slot, job, chunk = item
             if not is_done(event):
-                pending.append((event, slot))
+                pending.append(item)
                 continue
-            state = self._slot_state[slot]
-            job = self._jobs.get(state.key)
-            if job is None:  # ended while we gathered: nobody will read it
-                self._free(slot)
+            job.gathering -= 1
+            if job.ended:
+                self.free_slots.append(slot)
+                self._release_when_idle(job)
                 continue
-            n = len(job.chunks[state.chunk])
-            state.announced = True
-            state.since = time.monotonic()
-            self.stats.chunks += 1
-            self.stats.blocks += n
-            self.stats.bytes += n * self.block_len * len(self.views)
-            self.send(state.key[0], Ready(state.key[1], state.chunk, slot, n))
+            n = len(job.chunks[chunk])
+            their = job.granted[chunk]
+            try:
+                handle = self.write(
+                    slot,
+                    n,
+                    job.target,
+                    their,
+                    encode(Written(job.key[1], chunk, their, n)),
+                )
+            except Exception as e:  # noqa: BLE001 - fails this transfer alone
+                self.free_slots.append(slot)
+                self._end(job, f"WRITE of chunk {chunk} failed: {e}")
+                continue
+            job.writing += 1
+            self._writing.append((handle, slot, job, chunk))
         self._gathering = pending
 
-    def _on_done(self, peer: str, msg: Done) -> None:
-        state = self._slot_state.get(msg.slot)
-        key = (peer, msg.xfer)
-        if (
-            state is None
-            or not state.announced
-            or state.key != key
-            or state.chunk != msg.chunk
-        ):
-            self.reject(
-                peer,
-                f"Done for chunk {msg.chunk} in slot {msg.slot} of {msg.xfer}, "
-                "which that slot does not hold",
-            )
+    def _finish_writes(self) -> None:
+        pending = []
+        for item in self._writing:
+            handle, slot, job, chunk = item
+            try:
+                state = self.agent.check_xfer_state(handle)
+            except Exception as e:  # noqa: BLE001
+                state = f"ERR ({e})"
+            if state == "PROC":
+                pending.append(item)
+                continue
+            self.release(handle)
+            self.free_slots.append(slot)
+            job.writing -= 1
+            their = job.granted.pop(chunk, None)
+            if their is not None:
+                self._claimed[job.key[0]].discard(their)
+            if job.ended:
+                self._release_when_idle(job)
+                continue
+            if state != "DONE":
+                self._end(job, f"WRITE of chunk {chunk} ended in {state}")
+                continue
+            n = len(job.chunks[chunk])
+            job.sent.add(chunk)
+            job.active = time.monotonic()
+            self.stats.chunks += 1
+            self.stats.blocks += n
+            self.stats.bytes += self.buffer.geometry.chunk_bytes(n)
+            if len(job.sent) == len(job.chunks):
+                self.stats.transfers += 1
+                self._end(job, None)
+        self._writing = pending
+
+    def _end(self, job: _Job, reason: str | None) -> None:
+        """End a job: no new chunk starts; its lease goes once no gather of it
+        runs, and a consumer that asked to cancel is answered once no WRITE
+        of it is in flight (so it may reuse the slots it granted)."""
+        if job.ended:
             return
-        job = self._jobs[key]
-        self._free(msg.slot)
-        del job.held[msg.slot]
-        job.acked.add(msg.chunk)
-        if len(job.acked) == len(job.chunks):
-            self.stats.transfers += 1
-            self._end(job)
-
-    def _free(self, slot: int) -> None:
-        del self._slot_state[slot]
-        self.free_slots.append(slot)
-
-    def _end(self, job: _Job) -> None:
-        """Release the job's lease and the slots consumers may no longer read;
-        slots still gathering are freed when their gather finishes."""
-        del self._jobs[job.key]
+        job.ended = True
+        job.reason = reason
+        self._jobs.pop(job.key, None)
         self._remember(job.key)
-        for slot in list(job.held):
-            if self._slot_state[slot].announced:
-                self._free(slot)
-        job.held.clear()
-        job.lease.release()
+        if reason is not None:
+            self.stats.failures += 1
+        self._release_when_idle(job)
+
+    def _release_when_idle(self, job: _Job) -> None:
+        if job.gathering == 0 and job.lease is not None:
+            job.lease.release()
+            job.lease = None
+        if job.gathering == 0 and job.writing == 0:
+            claimed = self._claimed.get(job.key[0], set())
+            for slot in job.granted.values():
+                claimed.discard(slot)
+            job.granted.clear()
+            if job.reason is not None:
+                self.send(job.key[0], Failed(job.key[1], job.reason))
+                job.reason = None  # said once
 
     def _remember(self, key: Key) -> None:
         self._ended[key] = None
@@ -233,32 +305,27 @@ class StagingServer(StagingEndpoint):
             self._ended.popitem(last=False)
 
     def _expire(self) -> None:
-        """A consumer that vanished mid-transfer must not keep slots forever."""
+        """A consumer that vanished mid-transfer must not hold a lease forever."""
         now = time.monotonic()
-        for slot, state in list(self._slot_state.items()):
-            if not state.announced or now - state.since <= self._timeout:
-                continue
-            job = self._jobs.get(state.key)
-            if job is None:
+        for job in list(self._jobs.values()):
+            if job.gathering or job.writing or now - job.active <= self._timeout:
                 continue
             logger.warning(
-                "staging server: slot %d held by %s for over %.0f s; reclaimed",
-                slot,
-                state.key,
+                "staging server: transfer %s made no progress for %.0f s; ended",
+                job.key,
                 self._timeout,
             )
-            self.stats.failures += 1
-            self.send(
-                state.key[0],
-                Failed(
-                    state.key[1],
-                    f"slot {slot} not acknowledged within "
-                    f"{self._timeout:.0f} s; the producer reclaimed it",
-                ),
+            self._end(
+                job,
+                f"no grant from the consumer within {self._timeout:.0f} s",
             )
-            self._end(job)
 
     def close(self) -> None:
         super().close()
+        for item in self._writing:
+            self.release(item[0])
+        self._writing.clear()
+        self._gathering.clear()
         for job in list(self._jobs.values()):
-            self._end(job)
+            job.gathering = job.writing = 0
+            self._end(job, "producer shut down")

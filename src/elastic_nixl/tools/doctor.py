@@ -209,21 +209,30 @@ def self_check(rep: Report, agent_a: Any) -> None:
         alloc.close()
 
 
-def gpu_section(rep: Report) -> None:
-    """Which path GPU KV memory would take, from the memory itself."""
+def gpu_section(rep: Report, probes: bool = True) -> None:
+    """Which path GPU KV memory would take, from the memory itself, and a live
+    two-process probe of what UCX really does for READ and for WRITE."""
     import torch
 
     rep.section("GPU memory and the transfer path")
     if not torch.cuda.is_available():
         rep.info("GPU", "none: nothing to check")
         return
-    from elastic_nixl.allocator import BlockGeometry, VmmKVAllocator
-    from elastic_nixl.allocator.cuda import CudaBackend
+    from elastic_nixl.allocator import BlockGeometry, CudaBackend, VmmKVAllocator
     from elastic_nixl.capabilities import MemoryKind
     from elastic_nixl.config import TransferPath
     from elastic_nixl.connector.planning import choose_transfer_path
-    from elastic_nixl.memory.cuda import describe_cuda_pointer, export_kinds_of
+    from elastic_nixl.memory.cuda import (
+        active_nvlinks,
+        describe_cuda_pointer,
+        export_kinds_of,
+    )
 
+    n = torch.cuda.device_count()
+    links = active_nvlinks(0)
+    rep.info("GPUs", f"{n} x {torch.cuda.get_device_name(0)}")
+    rep.info("active NVLinks (GPU 0)", "unknown" if links is None else links)
+    read_fast = None if links is None else links > 0
     plain = torch.empty(1 << 21, dtype=torch.uint8, device="cuda")
     backend = CudaBackend(torch.cuda.current_device())
     geometry = BlockGeometry.layer_outermost(1 << 16, 1, 64)
@@ -236,15 +245,33 @@ def gpu_section(rep: Report) -> None:
             info = describe_cuda_pointer(ptr)
             kinds = export_kinds_of(info)
             choice = choose_transfer_path(
-                info.memory_kind or MemoryKind.CUDA, kinds, TransferPath.AUTO
+                info.memory_kind or MemoryKind.CUDA, kinds, TransferPath.AUTO, read_fast
             )
             rep.info(
                 f"{label} memory",
                 f"legacy IPC {info.legacy_ipc_capable}, exports "
                 f"{sorted(k.value for k in kinds)} -> {choice.path.value}",
             )
-            if "emulation" in choice.reason:
-                rep.info("", f"  {choice.reason}; the staged path avoids it")
+            rep.info("", f"  {choice.reason}")
+    if not probes:
+        return
+    from elastic_nixl.tools.probe import probe
+
+    rep.section("Live probe: two processes, 256 MiB in 2 MiB descriptors")
+    pairs = [("cudaMalloc", (0, 0)), ("vmm", (0, 0))]
+    if n > 1:
+        pairs += [("cudaMalloc", (0, 1)), ("vmm", (0, 1))]
+    for memory, devs in pairs:
+        where = "same GPU" if devs[0] == devs[1] else f"GPU {devs[0]} -> {devs[1]}"
+        try:
+            r = probe(memory, devs)
+        except Exception as e:  # noqa: BLE001 - reported as a failed check
+            rep.check(False, f"{memory}, {where}", f"{type(e).__name__}: {e}")
+            continue
+        rep.info(f"{memory}, {where}", r.verdict())
+        for op in (r.read, r.write):
+            for line in op.protocols[:3]:
+                rep.info(f"  UCX {op.op}", line)
 
 
 def main_doctor(argv: list[str] | None = None) -> int:
@@ -255,7 +282,7 @@ def main_doctor(argv: list[str] | None = None) -> int:
         agent = nixl_section(rep)
         if agent is not None:
             self_check(rep, agent)
-        gpu_section(rep)
+        gpu_section(rep, probes="--no-probe" not in (argv or []))
     except Exception as e:  # noqa: BLE001 - every failure is a reported check
         rep.check(False, "self-check", f"{type(e).__name__}: {e}")
     print("\n".join(rep.lines))

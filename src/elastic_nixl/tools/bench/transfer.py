@@ -57,8 +57,19 @@ from elastic_nixl.staging import (
     StagingOffer,
     StagingServer,
 )
+from elastic_nixl.staging.buffer import BlockRows
 
 TIMEOUT_S = 120.0
+
+
+class _NoLease:
+    """Static memory is never unmapped: its lease pins nothing."""
+
+    def __init__(self, block_ids: Any) -> None:
+        self.block_ids = tuple(block_ids)
+
+    def release(self) -> None:
+        return None
 
 
 @dataclass
@@ -79,6 +90,7 @@ class CaseResult:
     case: str
     batch_bytes: int
     descriptors: int
+    size: str = ""
     seconds: list[float] = field(default_factory=list)
     verified: bool = False
     note: str = ""
@@ -107,10 +119,12 @@ class BenchRank:
         self.args = args
         self.shape = Shape(layers=args.layers)
         cuda = args.device == "cuda"
-        self.dev = torch.device("cuda", rank) if cuda else torch.device("cpu")
+        # Any number of GPUs: with one, both processes share it.
+        self.ngpus = torch.cuda.device_count() if cuda else 0
+        self.dev_id = rank % self.ngpus if cuda else 0
+        self.dev = torch.device("cuda", self.dev_id) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(self.dev)
-        self.dev_id = rank if cuda else 0
         self.mem = "VRAM" if cuda else "DRAM"
         self.agent = nixl_agent(
             f"gpu-bench-{rank}", nixl_agent_config(backends=["UCX"])
@@ -122,7 +136,7 @@ class BenchRank:
         if cuda:
             from elastic_nixl.allocator.cuda import CudaBackend
 
-            backend: Any = CudaBackend(rank)
+            backend: Any = CudaBackend(self.dev_id)
         else:
             from elastic_nixl.allocator.host import HostBackend
 
@@ -138,7 +152,6 @@ class BenchRank:
             .view(torch.uint8)
             .view(L, self.virtual, page)
         )
-        self.staging = StagingBuffer(L, page, args.slot_blocks, args.slots, self.dev)
         self.ceiling = torch.empty(
             args.ceiling_bytes, dtype=torch.uint8, device=self.dev
         )
@@ -157,7 +170,7 @@ class BenchRank:
                 )
             self.vmm[:, :nb].copy_(self.static)
         self.registered: dict[tuple[int, int], Any] = {}
-        for t in (self.static, self.staging.buffer, self.ceiling):
+        for t in (self.static, self.ceiling):
             self._register(t.data_ptr(), t.numel())
         # Elastic memory is registered as the connector does it: each mapped
         # extent once, following the allocator's events.
@@ -166,7 +179,7 @@ class BenchRank:
         self.register_s = 0.0
         self.alloc.subscribe(self._on_mapping)
         self.lease: Any = None
-        self._server: StagingServer | None = None
+        self._servers: dict[str, StagingServer] = {}
         self._sync()
 
     def _on_mapping(self, event: Any) -> None:
@@ -217,8 +230,8 @@ class BenchRank:
 
     @property
     def peer_dev_id(self) -> int:
-        """The other rank's device (GPU rank 1 - us; host memory is device 0)."""
-        return 1 - self.rank if self.dev.type == "cuda" else 0
+        """The other rank's device (host memory is device 0)."""
+        return (1 - self.rank) % self.ngpus if self.dev.type == "cuda" else 0
 
     def staging_agent(self, role: str) -> Any:
         from nixl._api import nixl_agent, nixl_agent_config
@@ -227,18 +240,23 @@ class BenchRank:
             f"gpu-bench-{role}-{self.rank}", nixl_agent_config(backends=["UCX"])
         )
 
-    def staging_server(self) -> StagingServer:
-        """The connector's producer-side staging engine over our VMM memory."""
-        if self._server is None:
-            self._server = StagingServer(
-                self.staging_agent("server"),
-                list(self.vmm),
-                self.alloc.lease,
+    def staging_server(self, which: str) -> StagingServer:
+        """The connector's producer-side staging engine over our static or VMM
+        memory (static memory is never unmapped: its lease pins nothing)."""
+        if which not in self._servers:
+            lease = self.alloc.lease if which == "vmm" else _NoLease
+            self._servers[which] = StagingServer(
+                self.staging_agent(f"server-{which}"),
+                list(self.kv(which)),
+                lease,
                 self.args.slot_blocks,
                 self.args.slots,
                 self.mem,
             )
-        return self._server
+        return self._servers[which]
+
+    def kv(self, which: str) -> torch.Tensor:
+        return self.static if which == "static" else self.vmm
 
     def wait(self, handle: Any) -> str:
         deadline = time.monotonic() + TIMEOUT_S
@@ -311,7 +329,7 @@ def producer_loop(side: BenchRank, conn: Any, peer: str) -> None:
         elif kind == "stage_cost":
             conn.send(measure_staging(side, msg[1]))
         elif kind == "staging_server":
-            conn.send(msgspec.msgpack.encode(side.staging_server().offer))
+            conn.send(msgspec.msgpack.encode(side.staging_server(msg[1]).offer))
 
 
 def measure_growth(side: BenchRank, blocks: int) -> dict[str, float]:
@@ -331,22 +349,25 @@ def measure_growth(side: BenchRank, blocks: int) -> dict[str, float]:
 
 
 def measure_staging(side: BenchRank, ids: list[int]) -> dict[str, float]:
-    layers = side.vmm
+    """Payload GB/s of the staging kernels, VMM memory <-> one slot, the ids
+    scattered: what the connector's server and reader run per chunk."""
+    rows = BlockRows(list(side.vmm))
+    buf = StagingBuffer(rows.num_regions, rows.page, side.args.slot_blocks, 1, side.dev)
     chunk = ids[: side.args.slot_blocks]
     idx = torch.tensor(chunk, device=side.dev)
-    nbytes = len(chunk) * side.shape.page * side.shape.layers
-    out: dict[str, float] = {}
-    for name, fn in (
-        ("gather", side.staging.gather),
-        ("scatter", side.staging.scatter),
-    ):
-        fn(layers, idx, 0)
+    nbytes = buf.geometry.chunk_bytes(len(chunk))
+    out: dict[str, float] = {
+        "chunk_bytes": float(nbytes),
+        "one_kernel": rows.one_kernel,
+    }
+    for name, fn in (("gather", buf.gather), ("scatter", buf.scatter)):
+        fn(rows, idx, 0)
         side._sync()
         t0 = time.perf_counter()
-        for _ in range(10):
-            fn(layers, idx, 0)
+        for _ in range(20):
+            fn(rows, idx, 0)
         side._sync()
-        out[f"{name}_gbps"] = nbytes * 10 / (time.perf_counter() - t0) / 1e9
+        out[f"{name}_gbps"] = nbytes * 20 / (time.perf_counter() - t0) / 1e9
     return out
 
 
@@ -408,13 +429,47 @@ def run_ceiling(
     return res, reuse
 
 
+def run_ceiling_write(
+    side: BenchRank, peer: str, remote: dict[str, Any], nbytes: int
+) -> CaseResult:
+    """The WRITE ceiling: our cudaMalloc buffer into the peer's, 2 MiB
+    descriptors (UCX keeps cuda_ipc PUT without NVLink)."""
+    d = 2 << 20
+    n = nbytes // d
+    loc = np.array(
+        [[side.ceiling.data_ptr() + i * d, d, side.dev_id] for i in range(n)],
+        dtype=np.uint64,
+    )
+    rem = np.array(
+        [[remote["ceiling"] + i * d, d, side.peer_dev_id] for i in range(n)],
+        dtype=np.uint64,
+    )
+    res = CaseResult("ceiling_write", n * d, n, note="WRITE, new handle per batch")
+    ld, rd = (
+        side.agent.get_xfer_descs(loc, side.mem),
+        side.agent.get_xfer_descs(rem, side.mem),
+    )
+    for _ in range(side.args.repeats + 1):
+        t0 = time.perf_counter()
+        h = side.agent.initialize_xfer("WRITE", ld, rd, peer, b"")
+        side.agent.transfer(h)
+        state = side.wait(h)
+        res.seconds.append(time.perf_counter() - t0)
+        side.agent.release_xfer_handle(h)
+        assert state == "DONE", state
+    res.seconds = res.seconds[1:]
+    return res
+
+
 def run_vanilla(
     side: BenchRank,
     peer: str,
     remote: dict[str, Any],
     batches: list[tuple[list[int], list[int]]],
+    op: str = "READ",
 ) -> CaseResult:
-    """vLLM 0.32's scheme: prepped dlists of every (layer, block), by index."""
+    """vLLM 0.32's scheme: prepped dlists of every (layer, block), by index:
+    READ as NixlConnector (pull), WRITE as NixlPushConnector (push)."""
     L, nb, page = side.shape.layers, side.args.num_blocks, side.shape.page
     rdev = side.peer_dev_id
 
@@ -444,14 +499,13 @@ def run_vanilla(
         side.agent.get_xfer_descs(all_blocks(remote["static_regions"], rdev), side.mem),
     )
     prep_s = time.perf_counter() - t0
-    res = CaseResult(
-        "a_vanilla_static", 0, 0, note=f"prep {L * nb} descs/side in {prep_s:.2f} s"
-    )
+    name = "a_vanilla_pull" if op == "READ" else "a_vanilla_push"
+    res = CaseResult(name, 0, 0, note=f"prep {L * nb} descs/side in {prep_s:.2f} s")
     for lids, rids in batches:
         li = [layer * nb + b for layer in range(L) for b in lids]
         ri = [layer * nb + b for layer in range(L) for b in rids]
         t0 = time.perf_counter()
-        h = side.agent.make_prepped_xfer("READ", local, li, remote_h, ri, b"")
+        h = side.agent.make_prepped_xfer(op, local, li, remote_h, ri, b"")
         side.agent.transfer(h)
         state = side.wait(h)
         res.seconds.append(time.perf_counter() - t0)
@@ -528,14 +582,16 @@ def run_connector_staged(
     ask: Any,
     batches: list[tuple[list[int], list[int]]],
     name: str,
+    which: str = "vmm",
 ) -> CaseResult:
-    """VMM -> VMM through the connector's own staging engine (StagingServer on
-    the producer, StagedReader here, each on its own NIXL agent and thread,
-    control over NIXL notifications): what ElasticNixlConnector runs."""
-    offer = msgspec.msgpack.decode(ask(("staging_server",)), type=StagingOffer)
+    """Through the connector's own staging engine (StagingServer on the
+    producer, StagedReader here, each on its own NIXL agent and thread; the
+    producer gathers and WRITEs into slots the reader grants): what
+    ElasticNixlConnector runs, on static or VMM memory."""
+    offer = msgspec.msgpack.decode(ask(("staging_server", which)), type=StagingOffer)
     reader = StagedReader(
-        side.staging_agent("reader"),
-        list(side.vmm),
+        side.staging_agent(f"reader-{which}-{name}"),
+        list(side.kv(which)),
         side.args.slot_blocks,
         side.args.slots,
         side.mem,
@@ -550,7 +606,7 @@ def run_connector_staged(
             res.seconds.append(time.perf_counter() - t0)
             assert result == (f"{name}-{i}", None), result
             res.batch_bytes = len(lids) * side.shape.layers * side.shape.page
-            res.descriptors = -(-len(lids) // side.args.slot_blocks) * side.shape.layers
+            res.descriptors = -(-len(lids) // side.args.slot_blocks)  # one a chunk
     finally:
         reader.close()
     return res
@@ -632,7 +688,6 @@ def consumer_main(
     args = side.args
     rng = np.random.default_rng(args.seed)
     nb = args.num_blocks
-    per_batch = args.batch_bytes // (side.shape.page * side.shape.layers)
 
     def batches(count: int, n: int) -> list[tuple[list[int], list[int]]]:
         out = []
@@ -654,24 +709,48 @@ def consumer_main(
         res.verified = mine == tuple(theirs)
         return res
 
+    def verify_pushed(res: CaseResult, lids: list[int], rids: list[int]) -> CaseResult:
+        """A WRITE case moved our blocks ``lids`` into the producer's ``rids``."""
+        res.verified = side.fingerprint("static", lids) == tuple(
+            ask(("fingerprint", "static", rids))
+        )
+        return res
+
+    block_bytes = side.shape.page * side.shape.layers
     results: list[CaseResult] = []
-    res, reuse = run_ceiling(side, peer, remote, args.ceiling_bytes)
-    res.verified = reuse.verified = _fingerprint(side.ceiling) == tuple(
-        ask(("ceiling_fp", args.ceiling_bytes))
-    )
-    results += [res, reuse]
-    b = batches(args.repeats, per_batch)
-    res = run_vanilla(side, peer, remote, b)
-    results.append(verify(res, "static", *b[-1]))
-    side.static.zero_()
-    res = run_planned(side, peer, remote, "static", b, "b_project_static_direct")
-    results.append(verify(res, "static", *b[-1]))
-    bc = batches(args.repeats, per_batch)
-    res = run_connector_staged(side, ask, bc, "c_connector_vmm_staged")
-    results.append(verify(res, "vmm", *bc[-1]))
-    small = batches(1, max(1, min(per_batch, args.direct_vmm_blocks)))
+    bc: list[tuple[list[int], list[int]]] = []
+    for size in args.sizes:
+        n = max(1, size // block_bytes)
+        tag = f"{size >> 20}MiB"
+        ceiling_bytes = max(2 << 20, min(size, args.ceiling_bytes))
+        res, reuse = run_ceiling(side, peer, remote, ceiling_bytes)
+        res.verified = reuse.verified = _fingerprint(
+            side.ceiling[:ceiling_bytes]
+        ) == tuple(ask(("ceiling_fp", ceiling_bytes)))
+        wres = run_ceiling_write(side, peer, remote, ceiling_bytes)
+        wres.verified = _fingerprint(side.ceiling[:ceiling_bytes]) == tuple(
+            ask(("ceiling_fp", ceiling_bytes))
+        )
+        group = [res, reuse, wres]
+        b = batches(args.repeats, n)
+        group.append(verify(run_vanilla(side, peer, remote, b), "static", *b[-1]))
+        group.append(verify_pushed(run_vanilla(side, peer, remote, b, "WRITE"), *b[-1]))
+        side.static.zero_()
+        res = run_connector_staged(side, ask, b, "b_project_static_staged", "static")
+        group.append(verify(res, "static", *b[-1]))
+        side.static.zero_()
+        res = run_planned(side, peer, remote, "static", b, "b_project_static_direct")
+        group.append(verify(res, "static", *b[-1]))
+        bc = batches(args.repeats, n)
+        res = run_connector_staged(side, ask, bc, "c_project_vmm_staged")
+        group.append(verify(res, "vmm", *bc[-1]))
+        for r in group:
+            r.size = tag
+        results += group
+    small = batches(1, max(1, args.direct_vmm_blocks))
     res = run_planned(side, peer, remote, "vmm", small, "d_project_vmm_direct")
     res.note = "no staging: what UCX does with VMM memory on its own"
+    res.size = "small"
     results.append(verify(res, "vmm", *small[-1]))
     growth = ask(("grow", args.grow_blocks))
     stage_cost = ask(("stage_cost", bc[-1][1]))
@@ -748,22 +827,28 @@ def _recv(conn: Any, timeout: float = 300) -> Any:
 
 
 def table(out: dict[str, Any]) -> str:
+    """Markdown: each case against the best ceiling (READ or WRITE) and vanilla
+    pull of the same request size, with the median time a request took."""
     rows = out["results"]
-    by = {r["case"]: r for r in rows}
-    ceiling = max(by["ceiling"]["gbps"], by["ceiling_reused_handle"]["gbps"])
-    vanilla = by["a_vanilla_static"]["gbps"]
     lines = [
-        "| case | GB/s | x best ceiling | x vanilla (a) | descriptors/batch "
-        "| batch MiB | verified | note |",
-        "|---|---|---|---|---|---|---|---|",
+        "| size | case | GB/s | ms / request | x best ceiling | x vanilla pull "
+        "| descriptors | verified | note |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['case']} | {r['gbps']:.1f} | {r['gbps'] / ceiling:.2f} | "
-            f"{r['gbps'] / vanilla:.1f} | {r['descriptors']} | "
-            f"{r['batch_bytes'] / 2**20:.0f} | "
-            f"{r['verified']} | {r['note']} |"
-        )
+    for size in dict.fromkeys(r["size"] for r in rows):
+        group = [r for r in rows if r["size"] == size]
+        by = {r["case"]: r for r in group}
+        ceilings = [by[c]["gbps"] for c in ("ceiling", "ceiling_write") if c in by]
+        best = max(ceilings) if ceilings else 0.0
+        pull = by.get("a_vanilla_pull", {}).get("gbps", 0.0)
+        for r in group:
+            ms = statistics.median(r["seconds"]) * 1e3 if r["seconds"] else 0.0
+            lines.append(
+                f"| {size} | {r['case']} | {r['gbps']:.1f} | {ms:.2f} | "
+                f"{r['gbps'] / best if best else 0:.2f} | "
+                f"{r['gbps'] / pull if pull else 0:.1f} | {r['descriptors']} | "
+                f"{r['verified']} | {r['note']} |"
+            )
     g, s = out["growth"], out["staging"]
     lines.append("")
     lines.append(
@@ -772,11 +857,20 @@ def table(out: dict[str, Any]) -> str:
         f"{g['register_ms_per_chunk']:.3f} ms/chunk"
     )
     lines.append(
-        f"staging: gather {s['gather_gbps']:.0f} GB/s, "
-        f"scatter {s['scatter_gbps']:.0f} GB/s"
+        f"staging kernels ({s['chunk_bytes'] / 2**20:.0f} MiB chunk, one kernel: "
+        f"{bool(s['one_kernel'])}): gather {s['gather_gbps']:.0f} GB/s, "
+        f"scatter {s['scatter_gbps']:.0f} GB/s of payload"
     )
     lines.append("scenarios: " + json.dumps(out["scenarios"], indent=1))
     return "\n".join(lines)
+
+
+def _size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().removesuffix("IB").removesuffix("B")
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -784,7 +878,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--num-blocks", type=int, default=4096)
-    p.add_argument("--batch-bytes", type=int, default=1 << 30)
+    p.add_argument(
+        "--sizes",
+        type=lambda t: [_size(x) for x in t.split(",")],
+        default=[16 << 20, 64 << 20, 256 << 20, 1 << 30],
+        help="bytes of one request (comma-separated, K/M/G suffixes); each size "
+        "runs every case",
+    )
+    p.add_argument(
+        "--batch-bytes", type=_size, default=None, help="one size (as --sizes X)"
+    )
     p.add_argument("--ceiling-bytes", type=int, default=1 << 30)
     p.add_argument("--slot-blocks", type=int, default=32)
     p.add_argument("--slots", type=int, default=4)
@@ -795,6 +898,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.batch_bytes is not None:
+        args.sizes = [args.batch_bytes]
     out = run(args)
     out["args"] = vars(args)
     out["env"] = {"UCX_TLS": os.environ.get("UCX_TLS", "(default)")}

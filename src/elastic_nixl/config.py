@@ -59,6 +59,8 @@ LIMITS: dict[str, int] = {
     "staging_slots": 64,
     "staging_slot_bytes": 16 << 30,
     "staging_timeout_s": 3600,
+    "max_mapped_bytes": 1 << 50,
+    "idle_mapped_bytes": 1 << 50,
 }
 
 
@@ -78,6 +80,13 @@ class ElasticNixlSettings:
     # Staged path: how long a consumer may hold a producer's slot (and wait
     # for a producer) before the transfer is failed and the slot reclaimed.
     staging_timeout_s: int = 60
+    # allocator 'vmm' in vllm serve: the physical cap (None: V blocks may all
+    # be mapped) and what an idle engine keeps mapped of its prefix cache.
+    max_mapped_bytes: int | None = None
+    idle_mapped_bytes: int = 0
+    # NIXL's progress thread (vLLM leaves it on): it polls without sleeping,
+    # a core per engine; off, UCX progresses when vLLM polls NIXL each step.
+    nixl_progress_thread: bool = True
 
     def staging_slot_blocks(self, bytes_per_block: int) -> int:
         """Blocks one slot holds (at least one) for blocks of this size."""
@@ -97,6 +106,9 @@ class ElasticNixlSettings:
             "staging_slots",
             "staging_slot_bytes",
             "staging_timeout_s",
+            "max_mapped_bytes",
+            "idle_mapped_bytes",
+            "nixl_progress_thread",
         }
         unknown = sorted(set(ours) - known)
         if unknown:
@@ -112,7 +124,22 @@ class ElasticNixlSettings:
             kwargs["transfer_path"] = _enum_value(TransferPath, "transfer_path", ours)
         if "virtual_blocks" in ours and ours["virtual_blocks"] is not None:
             kwargs["virtual_blocks"] = _bounded_int("virtual_blocks", ours)
-        for key in ("staging_slots", "staging_slot_bytes", "staging_timeout_s"):
+        if "nixl_progress_thread" in ours:
+            flag = ours["nixl_progress_thread"]
+            if not isinstance(flag, bool):
+                raise ValueError(
+                    "kv_connector_extra_config['nixl_progress_thread'] must be true "
+                    f"or false, got {flag!r}"
+                )
+            kwargs["nixl_progress_thread"] = flag
+        if ours.get("max_mapped_bytes") is not None:
+            kwargs["max_mapped_bytes"] = _bounded_int("max_mapped_bytes", ours)
+        for key in (
+            "staging_slots",
+            "staging_slot_bytes",
+            "staging_timeout_s",
+            "idle_mapped_bytes",
+        ):
             if key in ours:
                 kwargs[key] = _bounded_int(key, ours)
         if "chunk_bytes" in ours:

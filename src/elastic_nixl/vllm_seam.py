@@ -1,5 +1,22 @@
 """The one seam into vLLM's KV allocation.
 
+Two entry points:
+
+- :func:`allocate_elastic_kv_cache`: vLLM's per-layer KV views over an
+  elastic reservation (the harness and the GPU checks call it directly);
+- :func:`elastic_kv_allocation`: what ``ElasticNixlConnector.get_mem_pool_context``
+  returns with ``allocator: vmm``. vLLM (>= 0.31) enters that context around
+  ``GPUModelRunner.initialize_kv_cache_tensors``' call to ``allocate_kv_cache``
+  on GPU and CPU workers. The context is meant for a memory pool, but neither
+  kind of pool fits: torch has no pluggable CPU allocator, and vLLM's
+  ``allocate_kv_cache`` zero-fills the whole buffer (``torch.zeros``), which
+  would touch, and so map, every byte of a reservation. So, for the duration
+  of the ``with`` only, the context rebinds the name ``allocate_kv_cache`` in
+  ``vllm.v1.worker.gpu_model_runner`` to our allocation, which returns the
+  same views over unmapped memory. That rebinding is the one place the
+  package reaches into a vLLM module; ``tests/unit/test_vllm_seam.py`` fails
+  when vLLM stops calling the function by that name inside the context.
+
 vLLM 0.32 allocates the KV cache in ``vllm/v1/worker/utils.py:allocate_kv_cache``:
 one flat int8 buffer, then per-layer ``create_kv_cache_views`` in the resolved
 layout. An elastic KV cache needs the same views over a *virtual* buffer of
@@ -12,9 +29,12 @@ functions move or change shape.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
@@ -67,6 +87,7 @@ def allocate_elastic_kv_cache(
     num_virtual_blocks: int | None = None,
     chunk_bytes: int | None = None,
     name: str = "kv",
+    kernel_block_size: int | None = None,
 ) -> ElasticKVCache:
     """vLLM's KV views over an elastic reservation of ``num_virtual_blocks``.
 
@@ -97,9 +118,14 @@ def allocate_elastic_kv_cache(
     v = aligned_virtual_blocks(
         num_virtual_blocks, unit, chunk_bytes, layer_outer=layout.is_layer_compact
     )
-    virtual = get_kv_cache_config_from_groups(
-        vllm_config, kv_cache_config.kv_cache_groups, v * bytes_per_block
-    )
+    if num_virtual_blocks == kv_cache_config.num_blocks:
+        # vLLM's own placement (what its scheduler sees), with layer strides
+        # stretched to the chunk-aligned V when it had to be rounded up.
+        virtual = _stretched(kv_cache_config, v)
+    else:
+        virtual = get_kv_cache_config_from_groups(
+            vllm_config, kv_cache_config.kv_cache_groups, v * bytes_per_block
+        )
     if virtual.num_blocks != v:
         raise ValueError(
             f"vLLM placed {virtual.num_blocks} blocks for a {v}-block reservation "
@@ -127,7 +153,9 @@ def allocate_elastic_kv_cache(
         name=name,
     )
     buf = allocator.tensor()
-    views = create_kv_cache_views(buf, spec, v, layout, vt)
+    views = create_kv_cache_views(
+        buf, spec, v, layout, vt, kernel_block_size=kernel_block_size
+    )
     kv_caches = dict(zip(vt.layers, views, strict=True))
     return ElasticKVCache(kv_caches, allocator, virtual)
 
@@ -145,3 +173,116 @@ def _spec_of(config: KVCacheConfig, tensor: KVCacheTensor):  # type: ignore[no-u
 
 def _page_bytes(config: KVCacheConfig, tensor: KVCacheTensor) -> int:
     return int(_spec_of(config, tensor).page_size_bytes)
+
+
+def _stretched(config: KVCacheConfig, v: int) -> KVCacheConfig:
+    """``config`` placed for ``v >= config.num_blocks`` blocks: layer-outer
+    strides grow by the extra blocks (block-outer ones never need rounding)."""
+    if v == config.num_blocks:
+        return config
+    tensors = []
+    for t in config.kv_cache_tensors:
+        if t.layer_stride != t.block_stride * config.num_blocks:
+            raise ValueError(
+                f"cannot stretch KV cache tensor {t.layers[0]} to {v} blocks: "
+                f"layer stride {t.layer_stride} is not {config.num_blocks} blocks "
+                f"of {t.block_stride} bytes"
+            )
+        tensors.append(
+            dataclasses.replace(
+                t,
+                layer_stride=t.block_stride * v,
+                size=t.offset + len(t.layers) * t.block_stride * v,
+            )
+        )
+    return dataclasses.replace(config, num_blocks=v, kv_cache_tensors=tensors)
+
+
+# The vLLM module whose global ``allocate_kv_cache`` the context rebinds, and
+# the function of it that calls that name inside the allocation context.
+RUNNER_MODULE = "vllm.v1.worker.gpu_model_runner"
+RUNNER_METHOD = "initialize_kv_cache_tensors"
+
+BackendFactory = Callable[[Any], MemoryBackend]
+"""``device -> MemoryBackend`` (a ``torch.device``: CPU or CUDA)."""
+
+
+def default_backend(device: Any) -> MemoryBackend:
+    """The host backend for CPU KV caches, the CUDA VMM one for GPU ones."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cpu":
+        from elastic_nixl.allocator.host import HostBackend
+
+        return HostBackend()
+    if dev.type == "cuda":
+        from elastic_nixl.allocator.cuda import CudaBackend
+
+        index = dev.index if dev.index is not None else torch.cuda.current_device()
+        return CudaBackend(device=index)
+    raise ValueError(
+        f"kv_connector_extra_config['allocator'] = 'vmm' supports CPU and CUDA KV "
+        f"caches, not {dev.type}; use allocator 'static'"
+    )
+
+
+@dataclass
+class ElasticAllocation:
+    """What :func:`elastic_kv_allocation` made (``cache`` once vLLM allocated)."""
+
+    cache: ElasticKVCache | None = None
+
+
+@contextlib.contextmanager
+def elastic_kv_allocation(
+    vllm_config: VllmConfig,
+    backend_factory: BackendFactory = default_backend,
+    initial_blocks: int = 1,
+) -> Iterator[ElasticAllocation]:
+    """vLLM's KV cache allocated in an elastic reservation (see the module
+    docstring): V is vLLM's own block count, nothing but the first
+    ``initial_blocks`` (vLLM's null block) is mapped; the connector maps the
+    rest as its scheduler hands blocks out."""
+    import importlib
+
+    runner: Any = importlib.import_module(RUNNER_MODULE)
+    original = runner.allocate_kv_cache
+    made = ElasticAllocation()
+
+    def allocate(
+        kv_cache_config: KVCacheConfig,
+        device: Any,
+        layout: Any,
+        kernel_block_sizes: list[int] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        if kv_cache_config.needs_kv_cache_zeroing:
+            raise NotImplementedError(
+                "kv_connector_extra_config['allocator'] = 'vmm': this model's KV "
+                "cache needs zeroing of new blocks before the connector sees the "
+                "step (Mamba layers or mixed precision); use allocator 'static'"
+            )
+        kernel = None
+        if kernel_block_sizes:
+            if len(set(kernel_block_sizes)) != 1:
+                raise NotImplementedError(
+                    "elastic KV caches support one KV cache group; kernel block "
+                    f"sizes {kernel_block_sizes}"
+                )
+            kernel = kernel_block_sizes[0]
+        cache = allocate_elastic_kv_cache(
+            vllm_config,
+            kv_cache_config,
+            backend_factory(device),
+            num_virtual_blocks=kv_cache_config.num_blocks,
+            kernel_block_size=kernel,
+        )
+        cache.allocator.map_blocks(range(initial_blocks))
+        made.cache = cache
+        return dict(cache.kv_caches)
+
+    runner.allocate_kv_cache = allocate
+    try:
+        yield made
+    finally:
+        runner.allocate_kv_cache = original

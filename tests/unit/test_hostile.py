@@ -9,6 +9,7 @@ hand through mock NIXL agents; the connector through real vLLM classes.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Iterator
@@ -814,3 +815,32 @@ def test_fuzz_hostile_peers_and_clients(make_engine, seed: int):
 def _name(agent: Any) -> str:
     name = agent.name
     return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def test_adjacent_registrations_of_a_peer_stay_apart():
+    """A peer that registered two abutting chunks separately (mapped at two
+    different times) has two NIXL registrations: a read across the seam
+    must be two descriptors, or NIXL finds neither (NIXL_ERR_NOT_FOUND, seen
+    in real ``vllm serve`` with ``allocator: vmm`` before this was fixed)."""
+    from elastic_nixl.connector.metadata import decode_agent_metadata
+    from elastic_nixl.connector.peers import PeerView
+    from elastic_nixl.connector.planning import ExtentIndex, plan_read
+
+    base = 1 << 20
+    raw = encoded_meta(
+        kv_caches_base_addr=[base],
+        block_lens=[4096],
+        block_strides=[4096],
+        registered_extents=[(base, 16384), (base + 16384, 16384)],
+    )
+    _, meta = decode_agent_metadata(raw, "peer")
+    view = PeerView.from_metadata(meta, "peer", "127.0.0.1", 1)
+    local_base = 1 << 30
+    local = ExtentIndex.build([(local_base, 1 << 20)])
+    local_regions = [dataclasses.replace(view.regions[0], base=local_base)]
+    plan = plan_read(
+        local_regions, view.regions, [[2, 3, 4, 5]], [[2, 3, 4, 5]], local, view.extents
+    )
+    # Blocks 2-3 in the first registration, 4-5 in the second: two rows.
+    assert [int(n) for _, n, _ in plan.remote] == [8192, 8192]
+    assert [int(a) - base for a, _, _ in plan.remote] == [8192, 16384]

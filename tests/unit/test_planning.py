@@ -273,3 +273,13 @@ class TestTransferPath:
         host = frozenset({ExportKind.HOST})
         c = choose_transfer_path(MemoryKind.HOST, host, TransferPath.AUTO, False)
         assert c.path is TransferPath.DIRECT
+
+
+def test_blocks_beyond_a_static_peers_capacity_are_named() -> None:
+    from elastic_nixl.connector.planning import RegionGeometry, blocks_beyond
+
+    regions = [RegionGeometry(1 << 20, 4096, 4096, 100)]
+    assert blocks_beyond([[0, 99]], regions, "p") is None
+    why = blocks_beyond([[5, 100, 10**9]], regions, "p")
+    assert why is not None and "[100, 1000000000]" in why and "100 blocks" in why
+    assert "remote_block_ids" in why

@@ -106,11 +106,15 @@ WORKER_INHERITED: dict[str, object] = {
     "src_blocks_data": np.ndarray,
     "transfer_topo": object,
     "xfer_handshake_metadata": object,
+    # Replaced by our subclass (connector/stats.py): vLLM logs its reduce().
+    "xfer_stats": object,
 }
 
 # Names our worker adds: none may exist on vLLM's worker (we would shadow it).
 WORKER_OURS = {
     "_add_per_request_agent",
+    "apply_pool_changes",
+    "_pool",
     "_apply_fetched",
     "_offer_slots_with_vllm_payload",
     "_uses_slots_of",
@@ -169,9 +173,14 @@ SCHEDULER_INHERITED: dict[str, object] = {
     "_stop_event": threading.Event,
     "side_channel_host": str,
     "side_channel_port": int,
+    "has_pending_push_work": METHOD,
+    "kv_cache_config": object,
+    "vllm_config": object,
 }
 SCHEDULER_OURS = {
     "_blocks_to_lease",
+    "bind_block_pool",
+    "pool_policy",
     "_epochs",
     "_refused",
     "_producer_epoch",

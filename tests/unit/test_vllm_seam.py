@@ -67,3 +67,65 @@ def test_no_block_straddles_a_chunk():
     assert aligned_virtual_blocks(1000, 1 << 17, 1 << 16, layer_outer=True) == 1000
     with pytest.raises(ValueError, match="divide"):
         aligned_virtual_blocks(10, 3000, 1 << 16, layer_outer=True)
+
+
+def test_vllm_still_calls_allocate_kv_cache_inside_the_allocation_context():
+    """``elastic_kv_allocation`` rebinds ``allocate_kv_cache`` in the runner
+    module for the ``with``: that works only while vLLM's runner calls the
+    module-level name inside ``with allocation_context``."""
+    import ast
+    import importlib
+    import textwrap
+
+    from elastic_nixl.vllm_seam import RUNNER_METHOD, RUNNER_MODULE
+
+    runner = importlib.import_module(RUNNER_MODULE)
+    assert callable(runner.allocate_kv_cache)
+    method = getattr(runner.GPUModelRunner, RUNNER_METHOD)
+    assert "kv_cache_allocation_context" in inspect.signature(method).parameters
+    tree = ast.parse(textwrap.dedent(inspect.getsource(method)))
+    calls_inside_with = [
+        call.func.id
+        for node in ast.walk(tree)
+        if isinstance(node, ast.With)
+        for call in ast.walk(node)
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Name)
+    ]
+    assert "allocate_kv_cache" in calls_inside_with
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    # The CPU runner inherits the method (its workers enter the same context).
+    assert RUNNER_METHOD not in vars(CPUModelRunner)
+
+
+def test_elastic_kv_allocation_maps_only_the_null_block():
+    import importlib
+
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    from elastic_nixl.allocator.core import VmmKVAllocator
+    from elastic_nixl.allocator.registry import find_owner
+    from elastic_nixl.vllm_seam import RUNNER_MODULE, elastic_kv_allocation
+
+    runner = importlib.import_module(RUNNER_MODULE)
+    original = runner.allocate_kv_cache
+    vc = make_vllm_config(
+        "kv_producer", extra={"allocator": "vmm", "chunk_bytes": 1 << 16}
+    )
+    kcc = make_kv_cache_config(vc, 100)
+    with elastic_kv_allocation(vc) as made:
+        assert runner.allocate_kv_cache is not original
+        kv = runner.allocate_kv_cache(kcc, torch.device("cpu"), KVCacheLayout.LBHNC)
+    assert runner.allocate_kv_cache is original  # restored on exit
+    assert made.cache is not None
+    alloc = made.cache.allocator
+    assert find_owner(next(iter(kv.values())).data_ptr()) is alloc
+    assert isinstance(alloc, VmmKVAllocator)
+    # V is vLLM's own count (rounded to whole chunks), block 0 alone mapped.
+    assert alloc.num_virtual_blocks >= 100
+    assert all(v.shape[0] == alloc.num_virtual_blocks for v in kv.values())
+    assert alloc.unmapped_blocks([0]) == []
+    assert alloc.unmapped_blocks([1, 50, 99]) == [1, 50, 99] or alloc.unmapped_blocks(
+        [50, 99]
+    ) == [50, 99]
+    assert alloc.mapped_bytes < alloc.reservation.nbytes // 4

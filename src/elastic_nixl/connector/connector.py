@@ -6,10 +6,13 @@ forwards; the work is in :mod:`.worker`, :mod:`.scheduler` and :mod:`.planning`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorMetadata,
     KVConnectorRole,
     KVConnectorWorkerMetadata,
 )
@@ -24,14 +27,32 @@ from elastic_nixl.compat import check_vllm_version
 from elastic_nixl.config import AllocatorChoice, settings_from_vllm_config
 from elastic_nixl.connector.planning import choose_kv_layout
 from elastic_nixl.connector.scheduler import ElasticNixlConnectorScheduler
+from elastic_nixl.connector.stats import ElasticKVConnectorStats
 from elastic_nixl.connector.worker import ElasticNixlConnectorWorker
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+        KVConnectorStats,
+    )
+    from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
 check_vllm_version()
 logger = init_logger(__name__)
+
+
+def share_vllm_log_handlers() -> None:
+    """Send the package's log lines (``elastic_nixl.*``) where vLLM's go,
+    at vLLM's level: vLLM configures only its own ``vllm`` logger, so
+    otherwise everything below WARNING from us would be dropped."""
+    ours, theirs = logging.getLogger("elastic_nixl"), logging.getLogger("vllm")
+    if ours.handlers or not theirs.handlers:
+        return
+    for handler in theirs.handlers:
+        ours.addHandler(handler)
+    ours.setLevel(theirs.level)
+    ours.propagate = False
 
 
 class ElasticNixlConnector(NixlPullConnector):
@@ -45,6 +66,7 @@ class ElasticNixlConnector(NixlPullConnector):
         nixl_agent: Any | None = None,
         staging_agent_factory: Callable[[str], Any] | None = None,
     ) -> None:
+        share_vllm_log_handlers()
         self.settings = settings_from_vllm_config(vllm_config)
         # NixlPullConnector.__init__ would build vLLM's scheduler/worker (and a
         # NIXL agent); build ours instead on top of the shared base.
@@ -93,3 +115,34 @@ class ElasticNixlConnector(NixlPullConnector):
         if isinstance(worker, ElasticNixlConnectorWorker):
             return worker.build_worker_meta()
         return None
+
+    # ------------------------------------------------------ allocator: vmm
+
+    def get_mem_pool_context(self) -> AbstractContextManager[Any] | None:
+        """With ``allocator: vmm``, vLLM's KV cache goes into our reservation
+        (:func:`elastic_nixl.vllm_seam.elastic_kv_allocation`)."""
+        if self.settings.allocator is not AllocatorChoice.VMM:
+            return None
+        from elastic_nixl.vllm_seam import elastic_kv_allocation
+
+        return elastic_kv_allocation(self._vllm_config)
+
+    def bind_gpu_block_pool(self, gpu_block_pool: BlockPool) -> None:
+        if isinstance(self.connector_scheduler, ElasticNixlConnectorScheduler):
+            self.connector_scheduler.bind_block_pool(gpu_block_pool)
+
+    def bind_connector_metadata(self, connector_metadata: KVConnectorMetadata) -> None:
+        """Map and release KV memory as the scheduler decided, before anything
+        in this step (forward pass, NIXL reads) touches it."""
+        super().bind_connector_metadata(connector_metadata)
+        worker = self.connector_worker
+        if isinstance(worker, ElasticNixlConnectorWorker):
+            worker.apply_pool_changes(connector_metadata)
+
+    @classmethod
+    def build_kv_connector_stats(
+        cls, data: dict[str, Any] | None = None
+    ) -> KVConnectorStats | None:
+        if data is not None:
+            return ElasticKVConnectorStats(data=data)
+        return ElasticKVConnectorStats()

@@ -215,12 +215,24 @@ class ElasticConnectorMetadata(NixlConnectorMetadata):
         # Consumer: requests whose kv_transfer_params were refused, and why;
         # the worker fails each through vLLM's failed-receive path.
         self.invalid_params: dict[str, str] = {}
+        # allocator 'vmm' (connector/pool.py): block groups to release, then
+        # to map, before this step's forward pass.
+        self.map_groups: list[int] = []
+        self.unmap_groups: list[int] = []
+        self.blocks_per_group = 0
 
     @classmethod
     def extend(cls, base: NixlConnectorMetadata) -> ElasticConnectorMetadata:
         """Carry over everything vLLM's scheduler put in ``base``."""
         meta = cls()
         state: dict[str, Any] = dict(vars(base))
-        state.update(required_epochs={}, blocks_to_lease={}, invalid_params={})
+        state.update(
+            required_epochs={},
+            blocks_to_lease={},
+            invalid_params={},
+            map_groups=[],
+            unmap_groups=[],
+            blocks_per_group=0,
+        )
         meta.__dict__.update(state)
         return meta

@@ -88,8 +88,12 @@ class PeerView:
             device_id=meta.device_id,
             elastic=elastic,
             epoch=epoch,
-            # Overlapping advertised spans (regions sharing a storage) merge.
-            extents=ExtentIndex.build(Runs.from_spans(spans).spans()),
+            # An elastic peer's spans are its NIXL registrations: a descriptor
+            # must not cross from one into the next, so they stay apart. A
+            # static peer's overlapping spans (regions sharing a storage) merge.
+            extents=ExtentIndex.build(
+                sorted(spans) if elastic else Runs.from_spans(spans).spans()
+            ),
             host=host,
             port=port,
             staging=ext.staging if ext is not None else None,

@@ -368,3 +368,24 @@ def choose_transfer_path(
     return TransferPathChoice(
         TransferPath.DIRECT, "memory is exportable to the transport"
     )
+
+
+def blocks_beyond(
+    block_ids: Sequence[Sequence[int]],
+    regions: Sequence[RegionGeometry],
+    engine_id: str,
+) -> str | None:
+    """Why ``block_ids`` (per KV cache group) name blocks a peer does not have,
+    or None: the first few ids at or beyond its smallest region's capacity."""
+    known = [r.num_blocks for r in regions if r.num_blocks is not None]
+    if not known:
+        return None
+    capacity = min(known)
+    bad = sorted({int(b) for group in block_ids for b in group if int(b) >= capacity})
+    if not bad:
+        return None
+    more = f" (+{len(bad) - 8} more)" if len(bad) > 8 else ""
+    return (
+        f"remote block(s) {bad[:8]}{more} are beyond the {capacity} blocks engine "
+        f"{engine_id} has (kv_transfer_params['remote_block_ids'])"
+    )

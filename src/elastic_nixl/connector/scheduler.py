@@ -17,6 +17,7 @@ Adds four things to vLLM's ``NixlPullConnectorScheduler``:
 from __future__ import annotations
 
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -33,14 +34,21 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_scheduler import (
 )
 from vllm.logger import init_logger
 
+from elastic_nixl.config import AllocatorChoice, settings_from_vllm_config
 from elastic_nixl.connector.metadata import (
     EPOCH_PARAM,
     ElasticConnectorMetadata,
     ElasticWorkerMetadata,
     parse_consumer_params,
 )
+from elastic_nixl.connector.pool import (
+    PoolPolicy,
+    pool_geometry,
+    step_block_ids,
+)
 
 if TYPE_CHECKING:
+    from vllm.v1.core.block_pool import BlockPool
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
@@ -78,6 +86,55 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
         # Consumer: validated producer epoch per request, and refusals.
         self._epochs: dict[str, int] = {}
         self._refused: dict[str, str] = {}
+        # allocator 'vmm': what is mapped, decided here (see connector/pool.py).
+        self.pool_policy: PoolPolicy | None = None
+
+    def bind_block_pool(self, block_pool: BlockPool) -> None:
+        """With ``allocator: vmm``, keep vLLM's pool inside mapped memory."""
+        settings = settings_from_vllm_config(self.vllm_config)
+        if settings.allocator is not AllocatorChoice.VMM:
+            return
+        config = self.kv_cache_config
+        tensors = config.kv_cache_tensors
+        if len(tensors) != 1:
+            raise NotImplementedError(
+                "kv_connector_extra_config['allocator'] = 'vmm' supports one KV "
+                f"cache tensor (one layer shape); this model has {len(tensors)}"
+            )
+        t = tensors[0]
+        geometry = pool_geometry(
+            num_blocks=config.num_blocks,
+            unit_bytes=t.block_stride,
+            bytes_per_block=len(t.layers) * t.block_stride,
+            chunk_bytes=settings.chunk_bytes,
+        )
+        policy = PoolPolicy(
+            geometry,
+            max_mapped_bytes=settings.max_mapped_bytes,
+            idle_mapped_bytes=settings.idle_mapped_bytes,
+        )
+        policy.bind(block_pool)
+        self.pool_policy = policy
+        logger.info(
+            "ElasticNixlConnector: elastic KV pool of %d blocks in %d groups of %d "
+            "(%d bytes each); at most %d bytes mapped%s",
+            geometry.num_blocks,
+            geometry.num_groups,
+            geometry.blocks_per_group,
+            geometry.group_bytes,
+            policy.max_mapped_bytes,
+            f", {len(policy.balloon)} groups held out of vLLM's pool"
+            if policy.balloon
+            else "",
+        )
+
+    def has_pending_push_work(self) -> bool:
+        """Also keep the engine stepping until memory freed by the last
+        requests has been released (an idle engine does not step)."""
+        policy = self.pool_policy
+        return super().has_pending_push_work() or (
+            policy is not None and policy.needs_idle_pass
+        )
 
     def on_new_request(self, request: Request) -> None:
         """Validate ``kv_transfer_params`` before vLLM reads them."""
@@ -137,6 +194,11 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """vLLM's bookkeeping, then the worker's new payload and epoch."""
         super().update_connector_output(connector_output)
+        if self.pool_policy is not None:
+            for req_id in connector_output.finished_sending or ():
+                self.pool_policy.unpin(req_id)
+            if connector_output.finished_recving:
+                self.pool_policy.needs_idle_pass = True
         worker_meta = connector_output.kv_connector_worker_meta
         if isinstance(worker_meta, ElasticWorkerMetadata):
             self._served_payloads.update(worker_meta.payloads)
@@ -164,6 +226,7 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
             for req_id in self._reqs_need_recv
             if req_id in self._epochs
         }
+        receiving = [entry[1] for entry in self._reqs_need_recv.values()]
         base = super().build_connector_meta(scheduler_output)
         assert isinstance(base, NixlConnectorMetadata)
         meta = ElasticConnectorMetadata.extend(base)
@@ -171,6 +234,15 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
         meta.blocks_to_lease = self._blocks_to_lease
         meta.invalid_params = refused
         self._blocks_to_lease = {}
+        if self.pool_policy is not None:
+            changes = self.pool_policy.step(
+                step_block_ids(scheduler_output, receiving),
+                idle=scheduler_output.total_num_scheduled_tokens == 0,
+                now=time.monotonic(),
+            )
+            meta.map_groups = changes.map_groups
+            meta.unmap_groups = changes.unmap_groups
+            meta.blocks_per_group = self.pool_policy.geometry.blocks_per_group
         return meta
 
     def request_finished(
@@ -180,10 +252,16 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
         request's blocks queued for the worker to pin until they are read."""
         self._epochs.pop(request.request_id, None)
         self._refused.pop(request.request_id, None)
+        if self.pool_policy is not None:
+            self.pool_policy.note_freed(b for group in block_ids for b in group)
         delay_free, params = super().request_finished(request, block_ids)
         if delay_free and params is not None:
             params[EPOCH_PARAM] = self._producer_epoch
             self._blocks_to_lease[request.request_id] = sorted(
                 {b for group in block_ids for b in group}
             )
+            if self.pool_policy is not None:
+                self.pool_policy.pin(
+                    request.request_id, self._blocks_to_lease[request.request_id]
+                )
         return delay_free, params

@@ -19,8 +19,8 @@ memory changes the answer:
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -30,9 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.utils import (
     EngineId,
     TransferTopology,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorTransferResults,
-)
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import (
     NixlAgentMetadata,
     NixlConnectorMetadata,
@@ -40,9 +38,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import (
     ReqMeta,
     compute_nixl_compatibility_hash,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.nixl.tp_mapping import (
-    ReadSpec,
-)
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.tp_mapping import ReadSpec
 from vllm.logger import init_logger
 from vllm.v1.kv_cache_interface import AttentionSpec, MambaSpec, MLAAttentionSpec
 
@@ -66,8 +62,13 @@ from elastic_nixl.connector.peers import PeerView
 from elastic_nixl.connector.planning import (
     ExtentIndex,
     RegionGeometry,
+    blocks_beyond,
     choose_transfer_path,
     plan_read,
+)
+from elastic_nixl.connector.pool_worker import (
+    PoolApplier,
+    agent_without_progress_thread,
 )
 from elastic_nixl.connector.regions import (
     SHARED_GROUP,
@@ -77,8 +78,9 @@ from elastic_nixl.connector.regions import (
     mapped_prefix_blocks,
     plan_regions,
 )
-from elastic_nixl.connector.registration import ExtentRegistrar, RegistrationStats
+from elastic_nixl.connector.registration import ExtentRegistrar
 from elastic_nixl.connector.staged import AgentFactory, StagedLink, region_views
+from elastic_nixl.connector.stats import ElasticKVConnectorStats, ElasticStats
 from elastic_nixl.memory.cuda import cuda_ipc_read_available
 from elastic_nixl.memory.resolve import resolve_kv_memory
 from elastic_nixl.runs import Runs
@@ -90,18 +92,9 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
-
-@dataclass
-class ElasticStats(RegistrationStats):
-    """Counters the demo, the bench and the tests read."""
-
-    refreshes: int = 0
-    reads_posted: int = 0
-    descriptors_posted: int = 0
-    blocks_read: int = 0
-    bytes_read: int = 0
-    refused_reads: int = 0
-    staged_reads: int = 0
+# How long a consumer keeps re-fetching a producer's metadata that does not
+# yet cover a read (see _refresh_then_read): a few producer steps.
+REFRESH_WAIT_S = 5.0
 
 
 class ElasticNixlConnectorWorker(HandshakeWorker):
@@ -120,9 +113,21 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
         if nixl_agent is not None:
             # Tests hand in a mock agent; vLLM made a real one above.
             self.nixl_wrapper = nixl_agent
+        elif not settings.nixl_progress_thread:
+            from vllm.distributed.nixl_utils import NixlWrapper, nixl_agent_config
+
+            self.nixl_wrapper = agent_without_progress_thread(
+                vllm_config.kv_transfer_config,
+                self.nixl_backends,
+                NixlWrapper,
+                nixl_agent_config,
+            )
         self.settings = settings
         self.memory: KVMemory | None = None
         self.elastic_stats = ElasticStats()
+        # vLLM's transfer stats plus the elastic pool's (connector/stats.py).
+        self.xfer_stats = pool_stats = ElasticKVConnectorStats()
+        self._pool = PoolApplier(kv_cache_config, settings.chunk_bytes, pool_stats)
         self._regions: list[Region] = []
         self._registrar = ExtentRegistrar(
             self.nixl_wrapper, self.nixl_backends, self.elastic_stats
@@ -349,6 +354,21 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
             memory.epoch,
         )
 
+    def apply_pool_changes(self, metadata: Any) -> None:
+        """Pin what peers will read, then release and map the block groups the
+        scheduler decided (before the forward pass and this step's reads)."""
+        if not isinstance(metadata, ElasticConnectorMetadata):
+            return
+        for req_id, block_ids in metadata.blocks_to_lease.items():
+            self._lease_for_send(req_id, block_ids)
+        metadata.blocks_to_lease = {}
+        self._pool.apply(
+            self.memory,
+            metadata.blocks_per_group,
+            metadata.map_groups,
+            metadata.unmap_groups,
+        )
+
     def _on_mapping_event(self, event: MappingEvent) -> None:
         """Follow the allocator, O(the change): (de)register what changed; the
         description peers read is rebuilt once per engine step, not per event
@@ -533,7 +553,16 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
             logger.error("ElasticNixlConnector: cannot pin blocks of %s: %s", req_id, e)
 
     def _read_blocks_for_req(self, req_id: str, meta: ReqMeta) -> None:
+        assert meta.remote is not None
+        engine_id = meta.remote.engine_id
+        self._apply_fetched(engine_id)
+        view = (
+            self.peers.any_rank(engine_id) if engine_id in self._remote_agents else None
+        )
         refused = self._refused_reads.pop(req_id, None)
+        if refused is None and view is not None and not view.elastic:
+            # Name ids beyond a static peer's capacity (NIXL: INVALID_PARAM).
+            refused = blocks_beyond(meta.remote.block_ids, view.regions, engine_id)
         if refused is not None:
             # vLLM tracks the request as a receive: fail it as one, alone.
             self.elastic_stats.refused_reads += 1
@@ -542,12 +571,6 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
             )
             self._failed_recv_reqs.put(req_id)
             return
-        assert meta.remote is not None
-        engine_id = meta.remote.engine_id
-        self._apply_fetched(engine_id)
-        view = (
-            self.peers.any_rank(engine_id) if engine_id in self._remote_agents else None
-        )
         if (
             view is not None
             and view.elastic
@@ -598,9 +621,23 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
         network), then queue the read; the engine thread applies what was
         fetched before it reads (:meth:`_apply_fetched`)."""
         ranks = self.peers.ranks(engine_id)
+        needed = self._required_epochs.get(req_id, 0)
 
         def fetch() -> list[tuple[int, Any]]:
-            return [(rank, self._fetch_peer(engine_id, rank)) for rank in ranks]
+            # The producer publishes a new mapping with its step's output: a
+            # consumer asking first may see an older epoch than the request
+            # names; ask again, briefly. (Blocks still unknown at the named
+            # epoch are refused at once, by the read.)
+            deadline = time.monotonic() + REFRESH_WAIT_S
+            delay = 0.005
+            while True:
+                fetched = [(rank, self._fetch_peer(engine_id, rank)) for rank in ranks]
+                if all((m.elastic_epoch or 0) >= needed for _, m in fetched):
+                    return fetched
+                if time.monotonic() + delay > deadline:
+                    return fetched  # the read names what is still missing
+                time.sleep(delay)
+                delay = min(2 * delay, 0.2)
 
         def done(fut: Any) -> None:
             try:
@@ -698,15 +735,25 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
                     sorted(set(flat_local))
                 )
             mem_type = self.nixl_memory_type
-            handle = self.nixl_wrapper.initialize_xfer(
-                "READ",
-                self.nixl_wrapper.get_xfer_descs(plan.local, mem_type),
-                self.nixl_wrapper.get_xfer_descs(
-                    plan.remote, self._remote_mem_type(dst_engine_id)
-                ),
-                view.agent_name,
-                notif_id,
+            remote_descs = self.nixl_wrapper.get_xfer_descs(
+                plan.remote, self._remote_mem_type(dst_engine_id)
             )
+            try:
+                handle = self.nixl_wrapper.initialize_xfer(
+                    "READ",
+                    self.nixl_wrapper.get_xfer_descs(plan.local, mem_type),
+                    remote_descs,
+                    view.agent_name,
+                    notif_id,
+                )
+            except Exception as e:  # noqa: BLE001 - named below, then failed alone
+                known = self.nixl_wrapper.check_remote_metadata(
+                    view.agent_name, remote_descs
+                )
+                raise KVMemoryError(
+                    f"{e} ({len(plan.remote)} remote descriptors, which NIXL's view "
+                    f"of the peer {'has' if known else 'lacks'})"
+                ) from e
             self.nixl_wrapper.transfer(handle)
         except Exception as e:  # noqa: BLE001 - NIXL errors derive from Exception
             # As vLLM's _read_blocks: any failure fails this request alone.

@@ -538,7 +538,6 @@ class DiscoveredCudaMemory(DiscoveredMemory):
         )
 
 
-
 # --------------------------------------------------------------------------
 # Can a peer READ this device's memory fast?
 # --------------------------------------------------------------------------
@@ -593,6 +592,7 @@ def cuda_ipc_read_available(device: int) -> bool | None:
     NVML. None when it cannot be told."""
     links = active_nvlinks(device)
     return None if links is None else links > 0
+
 
 __all__ = [
     "CudaDriverError",

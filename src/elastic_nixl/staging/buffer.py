@@ -64,11 +64,29 @@ class SlotGeometry:
         )
 
     def every_slot(self, device: int) -> np.ndarray:
-        """The full-slot row of every slot: row ``s`` is slot ``s`` (what a
-        prepped descriptor list indexes)."""
+        """The full-slot row of every slot: row ``s`` is slot ``s``."""
         return np.concatenate(
             [self.descriptors(s, self.slot_blocks, device) for s in range(self.slots)]
         )
+
+    def every_chunk(self, device: int, max_blocks: int) -> np.ndarray:
+        """A row for every chunk a slot can hold, up to ``max_blocks`` blocks:
+        row :meth:`chunk_index` ``(s, n)`` is the chunk of ``n`` blocks in slot
+        ``s`` (what a prepped descriptor list indexes, so no chunk size needs
+        a descriptor list built per transfer)."""
+        n = min(max_blocks, self.slot_blocks)
+        rows = np.empty((self.slots * n, 3), dtype=np.uint64)
+        starts = self.base + np.arange(self.slots, dtype=np.uint64) * self.slot_bytes
+        sizes = np.arange(1, n + 1, dtype=np.uint64) * self.chunk_bytes(1)
+        rows[:, 0] = np.repeat(starts, n)
+        rows[:, 1] = np.tile(sizes, self.slots)
+        rows[:, 2] = device
+        return rows
+
+    @staticmethod
+    def chunk_index(slot: int, num_blocks: int, max_blocks: int) -> int:
+        """The row of the chunk of ``num_blocks`` in ``slot`` in :meth:`every_chunk`."""
+        return slot * max_blocks + num_blocks - 1
 
 
 def _widest(page_bytes: int, *addresses: int) -> torch.dtype:
@@ -143,9 +161,7 @@ class BlockRows:
                 .view(self.dtype)
             )
             self._block_rows = block_rows
-            self._row_offsets = torch.tensor(
-                row_off, dtype=torch.long, device=self.device
-            )
+            self._row_offsets = np.asarray(row_off, dtype=np.int64)
         self._views = [v.view(self.dtype) for v in views]
 
     @property
@@ -153,30 +169,37 @@ class BlockRows:
         """Whether a chunk moves in one kernel (one 2-D row view)."""
         return self._rows is not None
 
-    def row_ids(self, block_ids: torch.Tensor) -> torch.Tensor:
-        """Row of each (region, block), region-major: the packed chunk order."""
-        assert self._rows is not None
-        return (
-            self._row_offsets[:, None] + block_ids[None, :] * self._block_rows
-        ).reshape(-1)
+    def index_size(self, num_blocks: int) -> int:
+        """Entries of :meth:`index` for ``num_blocks`` blocks."""
+        return num_blocks * (self.num_regions if self._rows is not None else 1)
 
-    def gather(self, block_ids: torch.Tensor, out: torch.Tensor) -> None:
-        """Copy the blocks of every region into ``out`` ``[regions * n, width]``."""
-        if self._rows is not None:
-            torch.index_select(self._rows, 0, self.row_ids(block_ids), out=out)
-            return
-        n = int(block_ids.numel())
-        for r, view in enumerate(self._views):
-            torch.index_select(view, 0, block_ids, out=out[r * n : (r + 1) * n])
+    def index(self, block_ids: Sequence[int]) -> np.ndarray:
+        """What a gather or scatter of ``block_ids`` indexes, computed on the
+        host (so the device runs one copy and one kernel): the row of each
+        (region, block), region-major, or the block ids themselves when there
+        is one view per region."""
+        ids = np.asarray(block_ids, dtype=np.int64)
+        if self._rows is None:
+            return ids
+        return (self._row_offsets[:, None] + ids[None, :] * self._block_rows).ravel()
 
-    def scatter(self, block_ids: torch.Tensor, src: torch.Tensor) -> None:
-        """Copy ``src`` ``[regions * n, width]`` into the blocks of every region."""
+    def gather(self, index: torch.Tensor, out: torch.Tensor) -> None:
+        """Copy what ``index`` names into ``out`` ``[regions * n, width]``."""
         if self._rows is not None:
-            self._rows.index_copy_(0, self.row_ids(block_ids), src)
+            torch.index_select(self._rows, 0, index, out=out)
             return
-        n = int(block_ids.numel())
+        n = int(index.numel())
         for r, view in enumerate(self._views):
-            view.index_copy_(0, block_ids, src[r * n : (r + 1) * n])
+            torch.index_select(view, 0, index, out=out[r * n : (r + 1) * n])
+
+    def scatter(self, index: torch.Tensor, src: torch.Tensor) -> None:
+        """Copy ``src`` ``[regions * n, width]`` to what ``index`` names."""
+        if self._rows is not None:
+            self._rows.index_copy_(0, index, src)
+            return
+        n = int(index.numel())
+        for r, view in enumerate(self._views):
+            view.index_copy_(0, index, src[r * n : (r + 1) * n])
 
 
 class StagingBuffer:
@@ -208,14 +231,19 @@ class StagingBuffer:
         n = self.geometry.chunk_bytes(num_blocks)
         return self.buffer[slot, :n].view(rows.dtype).view(-1, rows.width)
 
-    def gather(self, rows: BlockRows, block_ids: torch.Tensor, slot: int) -> None:
-        """Copy blocks ``block_ids`` of every region into ``slot``, packed.
-        Any memory the GPU can read works, VMM included."""
-        rows.gather(block_ids, self.chunk(slot, int(block_ids.numel()), rows))
+    def gather(
+        self, rows: BlockRows, index: torch.Tensor, slot: int, num_blocks: int
+    ) -> None:
+        """Copy ``num_blocks`` blocks of every region (``rows.index`` of their
+        ids) into ``slot``, packed. Any memory the GPU can read works, VMM
+        included."""
+        rows.gather(index, self.chunk(slot, num_blocks, rows))
 
-    def scatter(self, rows: BlockRows, block_ids: torch.Tensor, slot: int) -> None:
-        """Copy the chunk in ``slot`` into blocks ``block_ids`` of every region."""
-        rows.scatter(block_ids, self.chunk(slot, int(block_ids.numel()), rows))
+    def scatter(
+        self, rows: BlockRows, index: torch.Tensor, slot: int, num_blocks: int
+    ) -> None:
+        """Copy the chunk in ``slot`` into the blocks ``index`` names."""
+        rows.scatter(index, self.chunk(slot, num_blocks, rows))
 
 
 def as_bytes(blocks: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 
 from elastic_nixl.capabilities import KVMemoryError
 from elastic_nixl.memory.cuda import describe_cuda_pointer
-from elastic_nixl.staging.buffer import BlockRows, StagingBuffer
+from elastic_nixl.staging.buffer import BlockRows, SlotGeometry, StagingBuffer
 from elastic_nixl.staging.protocol import Message, StagingOffer, decode, encode
 
 logger = logging.getLogger(__name__)
@@ -91,14 +91,6 @@ class StagingEndpoint:
             device_id=self.device_id,
             mem_type=mem_type,  # type: ignore[arg-type]
         )
-        # Whole-slot transfers use descriptor lists prepped once (slots never
-        # move): one make_prepped_xfer per chunk instead of building lists.
-        self._local_prep = agent.prep_xfer_dlist(
-            "NIXL_INIT_AGENT",
-            agent.get_xfer_descs(
-                self.buffer.geometry.every_slot(self.device_id), mem_type
-            ),
-        )
         self.free_slots: deque[int] = deque(range(slots))
         self.stats = StagingStats()
         self._stream = (
@@ -107,11 +99,12 @@ class StagingEndpoint:
             else None
         )
         if self._stream is not None:
+            width = self.rows.index_size(slot_blocks)
             self._pinned_ids = torch.empty(
-                (slots, slot_blocks), dtype=torch.long, pin_memory=True
+                (slots, width), dtype=torch.long, pin_memory=True
             )
             self._device_ids = torch.empty(
-                (slots, slot_blocks), dtype=torch.long, device=self.device
+                (slots, width), dtype=torch.long, device=self.device
             )
         self._stop = threading.Event()
         self._wake = threading.Event()  # new local work: skip the idle wait
@@ -119,7 +112,8 @@ class StagingEndpoint:
             target=self._main, name=thread_name, daemon=True
         )
         self._loaded: dict[str, StagingOffer] = {}
-        self._remote_prep: dict[str, Any] = {}
+        # peer -> (our chunk list, its chunk list, chunk sizes per slot)
+        self._preps: dict[str, tuple[Any, Any, int]] = {}
 
     @property
     def slot_blocks(self) -> int:
@@ -138,32 +132,20 @@ class StagingEndpoint:
         notif: bytes,
     ) -> Any:
         """Post a WRITE of our chunk in ``slot`` into ``target``'s slot; the
-        handle to poll (the caller releases it)."""
-        agent = self.agent
-        prep = self._remote_prep.get(target.agent_name)
-        full = num_blocks == self.slot_blocks == target.slot_blocks
-        if full and prep is not None:
-            handle = agent.make_prepped_xfer(
-                "WRITE", self._local_prep, [slot], prep, [target_slot], notif
-            )
-        else:
-            handle = agent.initialize_xfer(
-                "WRITE",
-                agent.get_xfer_descs(
-                    self.buffer.geometry.descriptors(slot, num_blocks, self.device_id),
-                    self.mem_type,
-                ),
-                agent.get_xfer_descs(
-                    target.geometry.descriptors(
-                        target_slot, num_blocks, target.device_id
-                    ),
-                    target.mem_type,
-                ),
-                target.agent_name,
-                notif,
-            )
+        handle to poll (the caller releases it). Descriptor lists of every
+        chunk size were prepped when the peer was loaded: one
+        ``make_prepped_xfer``, no list built per chunk."""
+        local, remote, width = self._preps[target.agent_name]
+        handle = self.agent.make_prepped_xfer(
+            "WRITE",
+            local,
+            [SlotGeometry.chunk_index(slot, num_blocks, width)],
+            remote,
+            [SlotGeometry.chunk_index(target_slot, num_blocks, width)],
+            notif,
+        )
         try:
-            if agent.transfer(handle) == "ERR":
+            if self.agent.transfer(handle) == "ERR":
                 raise RuntimeError("NIXL transfer returned ERR")
         except BaseException:
             self.release(handle)
@@ -171,47 +153,61 @@ class StagingEndpoint:
         return handle
 
     def load_peer(self, offer: StagingOffer) -> None:
-        """Know a peer's agent and prep its slots, once per offer: a changed
-        offer (a restarted or fixed peer) is loaded again, never used stale."""
+        """Know a peer's agent and prep both sides' chunk descriptors, once
+        per offer: a changed offer (a restarted or fixed peer) is loaded
+        again, never used stale."""
         name = offer.agent_name
         if self._loaded.get(name) == offer:
             return
-        old = self._remote_prep.pop(name, None)
+        old = self._preps.pop(name, None)
         if old is not None:
-            self._release_dlist(old)
+            self._release_dlist(old[0])
+            self._release_dlist(old[1])
         if self._loaded.pop(name, None) is not None:
             # NIXL refuses new metadata under a name it knows (a peer that
             # restarted under the same name): forget the old agent first.
             self.agent.remove_remote_agent(name)
         self.agent.add_remote_agent(offer.agent_metadata)
-        self._remote_prep[name] = self.agent.prep_xfer_dlist(
-            name,
+        width = min(self.slot_blocks, offer.slot_blocks)
+        local = self.agent.prep_xfer_dlist(
+            "NIXL_INIT_AGENT",
             self.agent.get_xfer_descs(
-                offer.geometry.every_slot(offer.device_id), offer.mem_type
+                self.buffer.geometry.every_chunk(self.device_id, width), self.mem_type
             ),
         )
+        remote = self.agent.prep_xfer_dlist(
+            name,
+            self.agent.get_xfer_descs(
+                offer.geometry.every_chunk(offer.device_id, width), offer.mem_type
+            ),
+        )
+        self._preps[name] = (local, remote, width)
         self._loaded[name] = offer
 
     def copy_async(
         self,
-        fn: Callable[[BlockRows, torch.Tensor, int], None],
+        fn: Callable[[BlockRows, torch.Tensor, int, int], None],
         block_ids: Sequence[int],
         slot: int,
     ) -> torch.cuda.Event | None:
-        """Run a gather or scatter; on CUDA on our stream, with an event to poll."""
-        if self._stream is None:
-            fn(self.rows, torch.as_tensor(list(block_ids), dtype=torch.long), slot)
-            return None
-        # A copy from pageable memory would wait for the stream's earlier
-        # copies; the slot's own pinned index buffer is free (its previous
-        # use finished before the slot was), so this one does not.
+        """Run a gather or scatter; on CUDA on our stream, with an event to poll.
+
+        The index is computed on the host into the slot's own pinned buffer
+        (free: the slot's previous use finished before the slot was), so the
+        device runs one copy and one kernel, and the copy does not wait for
+        the stream's earlier work as one from pageable memory would.
+        """
         n = len(block_ids)
-        host = self._pinned_ids[slot, :n]
-        host.numpy()[:] = block_ids
+        index = self.rows.index(block_ids)
+        if self._stream is None:
+            fn(self.rows, torch.from_numpy(index), slot, n)
+            return None
+        host = self._pinned_ids[slot, : index.size]
+        host.numpy()[:] = index
         with torch.cuda.stream(self._stream):
-            idx = self._device_ids[slot, :n]
+            idx = self._device_ids[slot, : index.size]
             idx.copy_(host, non_blocking=True)
-            fn(self.rows, idx, slot)
+            fn(self.rows, idx, slot, n)
             event = torch.cuda.Event()
             event.record(self._stream)
         return event
@@ -288,9 +284,10 @@ class StagingEndpoint:
     def close(self) -> None:
         """Stop the thread, release descriptor lists, deregister the slots."""
         self._halt()
-        for prep in [self._local_prep, *self._remote_prep.values()]:
-            self._release_dlist(prep)
-        self._remote_prep.clear()
+        for local, remote, _ in self._preps.values():
+            self._release_dlist(local)
+            self._release_dlist(remote)
+        self._preps.clear()
         try:
             self.agent.deregister_memory(self._reg)
         except Exception:  # noqa: BLE001 - best effort at shutdown

@@ -1,4 +1,5 @@
-"""``elastic-nixl``: the P/D transfer demo, benchmarks and an environment check."""
+"""``elastic-nixl``: the P/D demo on real ``vllm serve`` engines, the stress run,
+benchmarks and an environment check."""
 
 from __future__ import annotations
 
@@ -16,7 +17,14 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("doctor", help="versions, NIXL backends and a live self-check")
     sub.add_parser(
         "demo",
-        help="real prefill->decode transfers between two processes",
+        help="two real `vllm serve` engines, prefill -> decode; every completion "
+        "compared with the prompt served whole",
+        add_help=False,
+    )
+    sub.add_parser(
+        "stress",
+        help="randomized grow/shrink transfers in the project's own engine loop "
+        "(two processes, real NIXL), every block verified",
         add_help=False,
     )
     bench = sub.add_parser(
@@ -24,9 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     bench.add_argument(
         "which",
-        choices=["registration", "transfer"],
+        choices=["registration", "transfer", "events", "vmm"],
         help="registration: connectors on V >> P tensors; transfer: two-process "
-        "NIXL reads, vanilla descriptors vs ours (--device cuda|cpu)",
+        "NIXL transfers, vanilla descriptors vs ours (--device cuda|cpu); "
+        "events: what one grow or shrink costs at 1k-50k mapped chunks; "
+        "vmm: allocator 'vmm' in real vllm serve against static, memory over time",
     )
     args, rest = parser.parse_known_args(argv)
     if args.command == "doctor":
@@ -37,10 +47,22 @@ def main(argv: list[str] | None = None) -> int:
         from elastic_nixl.tools.demo import main_demo
 
         return main_demo(rest)
+    if args.command == "stress":
+        from elastic_nixl.tools.stress import main_stress
+
+        return main_stress(rest)
     if args.which == "registration":
         from elastic_nixl.tools.bench.registration import main_registration
 
         return main_registration(rest)
+    if args.which == "vmm":
+        from elastic_nixl.tools.bench.vmm_serve import main as main_vmm
+
+        return main_vmm(rest)
+    if args.which == "events":
+        from elastic_nixl.tools.bench.events import main_events
+
+        return main_events(rest)
     from elastic_nixl.tools.bench.transfer import main as main_transfer
 
     return main_transfer(rest)

@@ -354,18 +354,18 @@ def measure_staging(side: BenchRank, ids: list[int]) -> dict[str, float]:
     rows = BlockRows(list(side.vmm))
     buf = StagingBuffer(rows.num_regions, rows.page, side.args.slot_blocks, 1, side.dev)
     chunk = ids[: side.args.slot_blocks]
-    idx = torch.tensor(chunk, device=side.dev)
+    idx = torch.from_numpy(rows.index(chunk)).to(side.dev)
     nbytes = buf.geometry.chunk_bytes(len(chunk))
     out: dict[str, float] = {
         "chunk_bytes": float(nbytes),
         "one_kernel": rows.one_kernel,
     }
     for name, fn in (("gather", buf.gather), ("scatter", buf.scatter)):
-        fn(rows, idx, 0)
+        fn(rows, idx, 0, len(chunk))
         side._sync()
         t0 = time.perf_counter()
         for _ in range(20):
-            fn(rows, idx, 0)
+            fn(rows, idx, 0, len(chunk))
         side._sync()
         out[f"{name}_gbps"] = nbytes * 20 / (time.perf_counter() - t0) / 1e9
     return out

@@ -844,3 +844,28 @@ def test_adjacent_registrations_of_a_peer_stay_apart():
     # Blocks 2-3 in the first registration, 4-5 in the second: two rows.
     assert [int(n) for _, n, _ in plan.remote] == [8192, 8192]
     assert [int(a) - base for a, _, _ in plan.remote] == [8192, 16384]
+
+
+def test_a_taken_side_channel_port_fails_start_up_naming_it(fabric) -> None:
+    """vLLM waits for its side-channel listener without a bound: a port
+    another process holds used to hang the engine's start-up forever (seen
+    in a CI run). It now fails at once, naming host:port."""
+    import zmq
+
+    from conftest import mock_agent
+    from elastic_nixl.tools.harness.engine import EngineSpec, PDEngine
+    from elastic_nixl.tools.harness.vllm_objects import free_port
+
+    port = free_port()
+    ctx = zmq.Context()
+    holder = ctx.socket(zmq.ROUTER)
+    holder.bind(f"tcp://127.0.0.1:{port}")
+    try:
+        with pytest.raises(RuntimeError, match=f":{port} .*Address already in use"):
+            PDEngine(
+                EngineSpec("kv_producer", "taken-port", port),
+                nixl_agent=mock_agent("taken-port", fabric),
+            )
+    finally:
+        holder.close(0)
+        ctx.term()

@@ -56,6 +56,10 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
+# vLLM waits for its side-channel listener without a bound; a listener that
+# cannot bind its port (taken) would hang the engine's start-up forever.
+LISTENER_START_TIMEOUT_S = 60.0
+
 # What a refused request's kv_transfer_params become: enough for vLLM to park
 # it waiting for KV (so its failure is reported as a failed receive), nothing
 # that vLLM would act on (no engine to contact, no heartbeat).
@@ -176,20 +180,29 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
             self._served_payloads[key] = msgspec.msgpack.encode(rank_meta)
         if self._nixl_handshake_listener_t is None:
             ready = threading.Event()
+            failed: list[Exception] = []
+            host, port = self.side_channel_host, self.side_channel_port
+
+            def listen() -> None:
+                try:
+                    self._nixl_handshake_listener(
+                        self._served_payloads, ready, self._stop_event, host, port
+                    )
+                except Exception as e:  # noqa: BLE001 - raised by the caller below
+                    failed.append(e)
+                    ready.set()  # a listener that cannot bind must not hang us
+
             self._nixl_handshake_listener_t = threading.Thread(
-                target=self._nixl_handshake_listener,
-                args=(
-                    self._served_payloads,
-                    ready,
-                    self._stop_event,
-                    self.side_channel_host,
-                    self.side_channel_port,
-                ),
-                daemon=True,
-                name="elastic_nixl_handshake_listener",
+                target=listen, daemon=True, name="elastic_nixl_handshake_listener"
             )
             self._nixl_handshake_listener_t.start()
-            ready.wait()
+            if not ready.wait(LISTENER_START_TIMEOUT_S) or failed:
+                why = repr(failed[0]) if failed else "no answer"
+                raise RuntimeError(
+                    f"ElasticNixlConnector: the NIXL side channel could not listen "
+                    f"on {host}:{port} ({why}); is VLLM_NIXL_SIDE_CHANNEL_PORT "
+                    "taken by another process?"
+                )
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         """vLLM's bookkeeping, then the worker's new payload and epoch."""

@@ -221,8 +221,7 @@ def compare(
 
 
 def assert_identical(outcomes: list[Outcome], nixl: NixlMetrics) -> None:
-    bad = [o.describe_mismatch() for o in outcomes if not o.identical]
-    assert not bad, "\n".join(bad)
+    assert_same(outcomes)
     for o in outcomes:
         assert o.pd is not None and o.whole is not None
         assert len(o.whole.token_ids) == MAX_TOKENS

@@ -1,5 +1,6 @@
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -51,3 +52,14 @@ def run_until(producer, consumer, req_id: str, steps: int = 200) -> set[str]:
             return recving
         time.sleep(0.005)
     raise AssertionError(f"{req_id} never finished receiving")
+
+
+@pytest.fixture
+def cuda_torch() -> Any:
+    """torch with CUDA initialised; the GPU tests skip without a device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device (torch.cuda.is_available() is False)")
+    torch.cuda.init()
+    return torch

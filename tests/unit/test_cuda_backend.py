@@ -347,16 +347,6 @@ def test_constructing_without_a_gpu_says_so() -> None:
 gpu = pytest.mark.gpu
 
 
-@pytest.fixture
-def cuda_torch() -> Any:
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device (torch.cuda.is_available() is False)")
-    torch.cuda.init()
-    return torch
-
-
 @gpu
 def test_gpu_grow_write_shrink(cuda_torch: Any) -> None:
     torch = cuda_torch

@@ -38,16 +38,6 @@ class FakePool:
             self.blocks[b].block_hash = None
 
 
-@pytest.fixture
-def cuda_torch() -> Any:
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device (torch.cuda.is_available() is False)")
-    torch.cuda.init()
-    return torch
-
-
 @gpu
 def test_gpu_kv_pool_maps_on_demand_releases_and_stages(cuda_torch: Any) -> None:
     torch = cuda_torch

@@ -44,6 +44,8 @@ from elastic_nixl.tools.serve.client import (
 from elastic_nixl.tools.serve.metrics import (
     NixlMetrics,
     mapped_bytes_lines,
+    metric_value,
+    prefix_cache_hits,
     transfer_log_lines,
 )
 from elastic_nixl.tools.serve.model import DEFAULT_SPEC, ensure_model
@@ -309,6 +311,22 @@ def wait_mapped_at_most(cluster: Cluster, name: str, limit: int, timeout: float)
     raise AssertionError(f"{name} still maps {last} bytes after {timeout:.0f} s")
 
 
+def wait_metric(
+    cluster: Cluster, name: str, metric: str, expected: float, timeout: float = 30
+) -> str:
+    """Wait until server ``name``'s ``/metrics`` shows ``metric == expected``
+    (vLLM publishes connector stats as steps report them); returns the page."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = cluster.group[name].metrics_text()
+        got = metric_value(text, metric)
+        if got == expected:
+            return text
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name}: {metric} = {got}, expected {expected}")
+        time.sleep(0.5)
+
+
 def peak_mapped(cluster: Cluster, name: str, mark: int = 0) -> int:
     text = cluster.group[name].log_text()[mark:]
     logged = [b for _, b in mapped_bytes_lines(text)]
@@ -318,14 +336,6 @@ def peak_mapped(cluster: Cluster, name: str, mark: int = 0) -> int:
         if "Peak mapped MiB" in line
     ]
     return max(logged + stats, default=0)
-
-
-def prefix_cache_hits(cluster: Cluster, name: str) -> float:
-    total = 0.0
-    for line in cluster.group[name].metrics_text().splitlines():
-        if line.startswith("vllm:prefix_cache_hits_total"):
-            total += float(line.split()[-1])
-    return total
 
 
 def assert_same(outcomes: list[Outcome]) -> None:
@@ -357,6 +367,13 @@ def test_vmm_prefill_to_vmm_decode_grows_and_shrinks(live: Cluster) -> None:
     # Idle: the decode goes back to group 0; the prefill to its cache target.
     assert wait_mapped_at_most(live, "m-decode", GROUP_BYTES, 60) == GROUP_BYTES
     assert wait_mapped_at_most(live, "m-prefill", VMM_IDLE_PREFILL, 60) >= GROUP_BYTES
+    # The same figures on vLLM's /metrics (ElasticPromMetrics).
+    text = wait_metric(live, "m-decode", "vllm:elastic_kv_mapped_bytes", GROUP_BYTES)
+    assert (metric_value(text, "vllm:elastic_kv_groups_mapped_total") or 0) >= 9
+    released = metric_value(text, "vllm:elastic_kv_groups_released_total") or 0
+    assert released >= 9
+    assert (metric_value(text, "vllm:elastic_kv_mapping_epoch") or 0) > 0
+    assert (metric_value(text, "vllm:elastic_kv_mapping_time_seconds_count") or 0) > 0
 
 
 def test_vmm_cap_holds_under_a_burst(live: Cluster) -> None:
@@ -399,13 +416,13 @@ def test_vmm_prefix_hits_after_a_shrink(live: Cluster) -> None:
     wait_mapped_at_most(live, "m-prefill", VMM_IDLE_PREFILL, 60)
     hits: list[float] = []
     for p in reversed(firsts):
-        before = prefix_cache_hits(live, "m-prefill")
+        before = prefix_cache_hits(live.group["m-prefill"].metrics_text())
         longer = p + " and then some more words at the end"
         assert (
             client.whole(longer, MAX_TOKENS, url=vmm).token_ids
             == client.whole(longer, MAX_TOKENS, url=static).token_ids
         )
-        hits.append(prefix_cache_hits(live, "m-prefill") - before)
+        hits.append(prefix_cache_hits(live.group["m-prefill"].metrics_text()) - before)
     # On a fresh engine the newest prompt hits all its full blocks; after
     # the tests before this one, its blocks may share 4-block groups with
     # older ones, and only the groups holding its first blocks (freed last,

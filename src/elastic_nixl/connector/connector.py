@@ -27,7 +27,7 @@ from elastic_nixl.compat import check_vllm_version
 from elastic_nixl.config import AllocatorChoice, settings_from_vllm_config
 from elastic_nixl.connector.planning import choose_kv_layout
 from elastic_nixl.connector.scheduler import ElasticNixlConnectorScheduler
-from elastic_nixl.connector.stats import ElasticKVConnectorStats
+from elastic_nixl.connector.stats import ElasticKVConnectorStats, ElasticPromMetrics
 from elastic_nixl.connector.worker import ElasticNixlConnectorWorker
 
 if TYPE_CHECKING:
@@ -146,3 +146,15 @@ class ElasticNixlConnector(NixlPullConnector):
         if data is not None:
             return ElasticKVConnectorStats(data=data)
         return ElasticKVConnectorStats()
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: Any,
+        metric_types: dict[Any, Any],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> ElasticPromMetrics:
+        return ElasticPromMetrics(
+            vllm_config, metric_types, labelnames, per_engine_labelvalues
+        )

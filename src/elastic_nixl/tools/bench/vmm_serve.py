@@ -13,7 +13,11 @@ Reports, from the servers' own logs:
   machine alike);
 - the worker's per-step cost of mapping on demand (``Avg mapping time (ms)``
   in vLLM's KV Transfer metrics line), and the scheduler's per-step policy
-  cost measured on vLLM's real ``BlockPool`` at the same geometry.
+  cost measured on vLLM's real ``BlockPool`` at the same geometry;
+- prefix hits after an idle shrink: both prefills serve the same prompts,
+  idle (the vmm one shrinks to ``idle_mapped_bytes``), then serve them
+  extended, newest first; the tokens each served from vLLM's prefix cache
+  (``vllm:prefix_cache_hits``), the static prefill's being the ceiling.
 
 Every completion of both pairs is compared with the prompt served whole by
 the static decode. With ``--plot PATH`` (needs matplotlib: the ``plot``
@@ -33,7 +37,11 @@ from pathlib import Path
 from typing import Any
 
 from elastic_nixl.tools.serve.client import PDClient
-from elastic_nixl.tools.serve.metrics import mapped_bytes_lines, transfer_log_lines
+from elastic_nixl.tools.serve.metrics import (
+    mapped_bytes_lines,
+    prefix_cache_hits,
+    transfer_log_lines,
+)
 from elastic_nixl.tools.serve.model import DEFAULT_SPEC, ensure_model
 from elastic_nixl.tools.serve.server import (
     CONSUMER,
@@ -47,10 +55,22 @@ BLOCK_SIZE = 32
 KV_BYTES = 256 << 20
 CHUNK_BYTES = 128 << 10
 CAP = 64 << 20
+IDLE_PREFILL = 8 << 20
+# Prefix phase: prompts of ~36 blocks against the vmm prefill's 8 MiB idle
+# target (64 blocks of 128 KiB): more than it keeps, less than the static.
+PREFIX_PROMPTS = 5
+PREFIX_LEN = (1100, 1200)
+
+
+# NIXL's progress thread spins a core per engine; four engines on a small
+# machine would measure that, not the allocator (docs/demo.md, "Slow
+# transfers"). All four engines turn it off alike.
+NO_SPIN: dict[str, Any] = {"nixl_progress_thread": False}
 
 
 def vmm_extra(idle_bytes: int) -> dict[str, Any]:
     return {
+        **NO_SPIN,
         "allocator": "vmm",
         "chunk_bytes": CHUNK_BYTES,
         "max_mapped_bytes": CAP,
@@ -64,10 +84,17 @@ def specs(model: Path) -> list[ServerSpec]:
     )
     fail = {"kv_load_failure_policy": "fail"}
     return [
-        ServerSpec("static-prefill", role=PRODUCER, prefix_caching=True, **common),
+        ServerSpec(
+            "static-prefill",
+            role=PRODUCER,
+            extra_config=NO_SPIN,
+            prefix_caching=True,
+            **common,
+        ),
         ServerSpec(
             "static-decode",
             role=CONSUMER,
+            extra_config=NO_SPIN,
             kv_options=fail,
             prefix_caching=True,
             **common,
@@ -75,7 +102,7 @@ def specs(model: Path) -> list[ServerSpec]:
         ServerSpec(
             "vmm-prefill",
             role=PRODUCER,
-            extra_config=vmm_extra(8 << 20),
+            extra_config=vmm_extra(IDLE_PREFILL),
             prefix_caching=True,
             **common,
         ),
@@ -134,6 +161,39 @@ def run_workload(
         out(f"  idle {idle_s:.0f} s")
         time.sleep(idle_s)
     return timeline, identical, total
+
+
+def prefix_after_shrink(
+    group: ServerGroup, model: Path, idle_s: float, out: Any
+) -> tuple[dict[str, Any], int, int]:
+    """Tokens each prefill serves from its prefix cache for the same
+    prompts extended after an idle gap (newest first: walked oldest first,
+    an LRU cache smaller than the prompts evicts each just before its turn).
+    Every completion must equal the static decode's."""
+    whole = group["static-decode"].base_url
+    client = PDClient(whole, whole, str(model), timeout=600)
+    prompts = make_prompts(
+        PREFIX_PROMPTS, seed=200, min_len=PREFIX_LEN[0], max_len=PREFIX_LEN[1]
+    )
+    extended = [p + " and then some more words at the end" for p in reversed(prompts)]
+    expected = [client.whole(p, 16, url=whole).token_ids for p in prompts + extended]
+    result: dict[str, Any] = {
+        "full_block_tokens": [len(p) // BLOCK_SIZE * BLOCK_SIZE for p in extended]
+    }
+    identical = 0
+    for name in ("static-prefill", "vmm-prefill"):
+        server = group[name]
+        got = [client.whole(p, 16, url=server.base_url).token_ids for p in prompts]
+        time.sleep(idle_s)
+        hits = []
+        for p in extended:
+            before = prefix_cache_hits(server.metrics_text())
+            got.append(client.whole(p, 16, url=server.base_url).token_ids)
+            hits.append(int(prefix_cache_hits(server.metrics_text()) - before))
+        identical += sum(g == e for g, e in zip(got, expected, strict=True))
+        result[name] = hits
+        out(f"  prefix hits after idle ({name}), newest first: {hits}")
+    return result, identical, 2 * len(expected)
 
 
 def _log_time(stamp: str, year: int) -> float:
@@ -195,6 +255,9 @@ def main(argv: list[str] | None = None) -> int:
         out(f"servers ready (s): {startup}; logs in {log_dir}")
         time.sleep(args.idle)
         timeline, identical, total = run_workload(group, model, args.idle, t_start, out)
+        prefix, same, n = prefix_after_shrink(group, model, args.idle, out)
+        identical += same
+        total += n
         logs = {name: s.log_text() for name, s in group.servers.items()}
     result: dict[str, Any] = {
         "model": DEFAULT_SPEC.name,
@@ -203,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
         "startup_s": startup,
         "completions_identical": f"{identical}/{total}",
         "timeline": timeline,
+        "prefix_hits_after_idle": prefix,
         "engines": {},
     }
     for name in ("vmm-prefill", "vmm-decode"):

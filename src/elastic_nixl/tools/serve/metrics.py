@@ -169,3 +169,19 @@ def mapped_bytes_lines(log_text: str) -> list[tuple[str, int]]:
         for m in map(_MAPPED_LINE.search, log_text.splitlines())
         if m
     ]
+
+
+def metric_value(metrics_text: str, name: str) -> float | None:
+    """Sample ``name`` of a ``/metrics`` page, summed over its label sets
+    (engines); None when the page has no such sample."""
+    values = [
+        float(line.split()[-1])
+        for line in metrics_text.splitlines()
+        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " ")
+    ]
+    return sum(values) if values else None
+
+
+def prefix_cache_hits(metrics_text: str) -> float:
+    """Tokens vLLM served from its prefix cache (``vllm:prefix_cache_hits``)."""
+    return metric_value(metrics_text, "vllm:prefix_cache_hits_total") or 0.0

@@ -134,14 +134,14 @@ class ElasticNixlSettings:
             kwargs["nixl_progress_thread"] = flag
         if ours.get("max_mapped_bytes") is not None:
             kwargs["max_mapped_bytes"] = _bounded_int("max_mapped_bytes", ours)
-        for key in (
-            "staging_slots",
-            "staging_slot_bytes",
-            "staging_timeout_s",
-            "idle_mapped_bytes",
-        ):
+        for key in ("staging_slots", "staging_slot_bytes", "staging_timeout_s"):
             if key in ours:
                 kwargs[key] = _bounded_int(key, ours)
+        if "idle_mapped_bytes" in ours:
+            # 0, the default, is valid: an idle engine keeps no cached blocks.
+            kwargs["idle_mapped_bytes"] = _bounded_int(
+                "idle_mapped_bytes", ours, lowest=0
+            )
         if "chunk_bytes" in ours:
             chunk = _bounded_int("chunk_bytes", ours)
             if chunk % 4096:
@@ -172,12 +172,12 @@ def _enum_value(enum_cls: type[enum.Enum], key: str, ours: Mapping[str, Any]) ->
     return enum_cls(raw.lower())
 
 
-def _bounded_int(key: str, ours: Mapping[str, Any]) -> int:
+def _bounded_int(key: str, ours: Mapping[str, Any], lowest: int = 1) -> int:
     raw = ours[key]
     limit = LIMITS[key]
-    if isinstance(raw, bool) or not isinstance(raw, int) or not 0 < raw <= limit:
+    if isinstance(raw, bool) or not isinstance(raw, int) or not lowest <= raw <= limit:
         raise ValueError(
-            f"kv_connector_extra_config[{key!r}] must be an integer from 1 to "
-            f"{limit}, got {raw!r}"
+            f"kv_connector_extra_config[{key!r}] must be an integer from {lowest} "
+            f"to {limit}, got {raw!r}"
         )
     return raw

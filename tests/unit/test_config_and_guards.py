@@ -31,6 +31,18 @@ def test_values_and_vllm_keys_pass_through():
     assert s.virtual_blocks == 4096 and s.chunk_bytes == 1 << 21
 
 
+def test_vmm_sizes_accept_their_defaults_written_out():
+    # idle_mapped_bytes 0 (the default: keep nothing cached when idle) was
+    # refused when written explicitly, and `bench vmm`'s decode died at start.
+    s = ElasticNixlSettings.from_extra_config(
+        {"allocator": "vmm", "idle_mapped_bytes": 0, "max_mapped_bytes": None}
+    )
+    assert s.idle_mapped_bytes == 0 and s.max_mapped_bytes is None
+    assert ElasticNixlSettings.from_extra_config({"idle_mapped_bytes": 8 << 20}) == (
+        ElasticNixlSettings(idle_mapped_bytes=8 << 20)
+    )
+
+
 @pytest.mark.parametrize(
     ("extra", "needle"),
     [
@@ -46,6 +58,8 @@ def test_values_and_vllm_keys_pass_through():
         ({"staging_slots": "4"}, "'staging_slots'] must be an integer from 1 to"),
         ({"chunk_bytes": 1000}, "multiple of 4096"),
         ({"transfer_path": "fast"}, "choose one of ['auto', 'direct', 'staged']"),
+        ({"idle_mapped_bytes": -1}, "'idle_mapped_bytes'] must be an integer from 0"),
+        ({"max_mapped_bytes": 0}, "'max_mapped_bytes'] must be an integer from 1"),
     ],
 )
 def test_bad_values_name_the_key(extra, needle):

@@ -13,6 +13,7 @@ pytest.importorskip("vllm", reason="needs vLLM (./dev.sh installs the cpu build)
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram  # noqa: E402
 
+from elastic_nixl.connector import ElasticNixlConnector  # noqa: E402
 from elastic_nixl.connector.stats import (  # noqa: E402
     ElasticKVConnectorStats,
     ElasticPromMetrics,
@@ -61,7 +62,11 @@ def test_prometheus_gets_the_same_samples_per_engine() -> None:
         for cls in (Gauge, Counter, Histogram)
     }
     labels = {0: ["m", "0"], 1: ["m", "1"]}
-    prom = ElasticPromMetrics(_Config(), types, ["model_name", "engine"], labels)
+    # Built as vLLM's KVConnectorProm builds it, through the connector class.
+    prom = ElasticNixlConnector.build_prom_metrics(
+        _Config(), types, ["model_name", "engine"], labels
+    )
+    assert isinstance(prom, ElasticPromMetrics)
     prom.observe(two_workers().data, engine_idx=0)
     prom.observe(ElasticKVConnectorStats().data, engine_idx=1)  # nothing mapped
     assert value(registry, "vllm:elastic_kv_mapped_bytes") == 2 * MIB

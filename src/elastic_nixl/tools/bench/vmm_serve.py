@@ -66,6 +66,11 @@ PREFIX_LEN = (1100, 1200)
 # machine would measure that, not the allocator (docs/demo.md, "Slow
 # transfers"). All four engines turn it off alike.
 NO_SPIN: dict[str, Any] = {"nixl_progress_thread": False}
+# vLLM's 30 s KV lease is shorter than a burst of long prompts takes on two
+# loaded cores: the producer frees the blocks before the decode reads them
+# (and with the progress thread off, such a late read then waits for the
+# producer's next request: a stall seen in this bench's first run).
+LONG_LEASE: dict[str, Any] = {"kv_lease_duration": 600}
 
 
 def vmm_extra(idle_bytes: int) -> dict[str, Any]:
@@ -87,7 +92,7 @@ def specs(model: Path) -> list[ServerSpec]:
         ServerSpec(
             "static-prefill",
             role=PRODUCER,
-            extra_config=NO_SPIN,
+            extra_config={**NO_SPIN, **LONG_LEASE},
             prefix_caching=True,
             **common,
         ),
@@ -102,7 +107,7 @@ def specs(model: Path) -> list[ServerSpec]:
         ServerSpec(
             "vmm-prefill",
             role=PRODUCER,
-            extra_config=vmm_extra(IDLE_PREFILL),
+            extra_config={**vmm_extra(IDLE_PREFILL), **LONG_LEASE},
             prefix_caching=True,
             **common,
         ),
@@ -155,6 +160,8 @@ def run_workload(
             identical += ok
             total += len(comparison.outcomes)
             out(f"  {name} ({pair}): {ok}/{len(comparison.outcomes)} identical")
+            for o in [o for o in comparison.outcomes if not o.identical][:3]:
+                out(f"    {o.describe_mismatch()}")
         timeline.append(
             {"phase": name, "start": start - t_start, "end": time.time() - t_start}
         )

@@ -95,6 +95,11 @@ VMM_EXTRA: dict[str, Any] = {
 # engines on CI's two cores starve each other (docs/demo.md, "Slow
 # transfers"). Our engines turn it off; the vanilla ones keep vLLM's default.
 NO_SPIN: dict[str, Any] = {"nixl_progress_thread": False}
+# With the thread off a producer progresses transfers only while it steps,
+# so a read that comes after vLLM's 30 s KV lease waits for its next request
+# (docs/vmm.md, "A finding of this bench's first run"); our producers here
+# hold their KV longer than two loaded cores can take to read it.
+LONG_LEASE: dict[str, Any] = {"kv_lease_duration": 600}
 
 
 @dataclass
@@ -142,7 +147,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "e-prefill",
             role=PRODUCER,
             connector=ELASTIC,
-            extra_config=NO_SPIN,
+            extra_config={**NO_SPIN, **LONG_LEASE},
             **common,
         ),
         ServerSpec(
@@ -165,7 +170,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             "m-prefill",
             role=PRODUCER,
             connector=ELASTIC,
-            extra_config=dict(VMM_EXTRA, idle_mapped_bytes=VMM_IDLE_PREFILL, **NO_SPIN),
+            extra_config=dict(
+                VMM_EXTRA, idle_mapped_bytes=VMM_IDLE_PREFILL, **NO_SPIN, **LONG_LEASE
+            ),
             prefix_caching=True,
             **common,
         ),

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from elastic_nixl.tools.ports import free_port
 
 
 @dataclass(frozen=True)
@@ -48,12 +49,6 @@ class TinyModel:
         }
         (path / "config.json").write_text(json.dumps(cfg))
         return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def init_distributed(vllm_config: Any) -> None:

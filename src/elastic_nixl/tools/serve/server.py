@@ -28,7 +28,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -38,6 +37,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from elastic_nixl.tools.ports import free_port
 
 ELASTIC = "ElasticNixlConnector"
 VANILLA = "NixlConnector"
@@ -71,13 +72,6 @@ STOP_GRACE_S = 15.0
 
 class ServerError(RuntimeError):
     """A server did not start, or died; the message names its log file."""
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass(frozen=True)

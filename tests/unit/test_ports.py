@@ -25,9 +25,10 @@ def test_a_port_in_use_is_skipped(monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         taken = held.getsockname()[1]
+        # Two candidates, `taken` and the next: wherever the search starts,
+        # the held one is refused.
         monkeypatch.setattr(ports, "_LOWEST", taken)
-        monkeypatch.setattr(ports, "ephemeral_range", lambda: (taken + 3, 65535))
-        monkeypatch.setattr(ports.os, "getpid", lambda: 0)  # start at `taken`
+        monkeypatch.setattr(ports, "ephemeral_range", lambda: (taken + 2, 65535))
         monkeypatch.setattr(ports, "_handed_out", set())
         assert ports.free_port() == taken + 1
 

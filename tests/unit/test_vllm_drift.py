@@ -13,7 +13,6 @@ import ast
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -46,9 +45,9 @@ WORKER_INHERITED: dict[str, object] = {
     "start_load_kv": METHOD,
     # state we read
     "_TRANSFER_MODE": str,
+    "_engine_clock_offset": dict,
     "_failed_recv_reqs": queue.Queue,
     "_group_spec_types": tuple,
-    "_handshake_initiation_executor": ThreadPoolExecutor,
     "_layer_specs": dict,
     "_mamba_ssm_size": tuple,
     "_physical_blocks_per_logical_kv_block": int,
@@ -113,6 +112,14 @@ WORKER_INHERITED: dict[str, object] = {
 # Names our worker adds: none may exist on vLLM's worker (we would shadow it).
 WORKER_OURS = {
     "_add_per_request_agent",
+    "_handshake_deadline_s",
+    "_on_refreshed",
+    "_producer_clock",
+    "_read_leases",
+    "_read_was_late",
+    "_refresh_deadline_s",
+    "_refresh_metas",
+    "_refresher",
     "apply_pool_changes",
     "_pool",
     "_apply_fetched",
@@ -170,6 +177,8 @@ SCHEDULER_INHERITED: dict[str, object] = {
     "update_connector_output": METHOD,
     "_nixl_handshake_listener_t": (threading.Thread, type(None)),
     "_reqs_need_recv": dict,
+    "_reqs_need_send": dict,
+    "_kv_lease_duration": int,
     "_stop_event": threading.Event,
     "side_channel_host": str,
     "side_channel_port": int,
@@ -178,6 +187,7 @@ SCHEDULER_INHERITED: dict[str, object] = {
     "vllm_config": object,
 }
 SCHEDULER_OURS = {
+    "_read_leases",
     "_blocks_to_lease",
     "bind_block_pool",
     "pool_policy",

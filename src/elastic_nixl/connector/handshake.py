@@ -11,8 +11,12 @@ per-block prepped descriptor lists.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import functools
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
+import zmq
 from vllm.distributed.kv_transfer.kv_connector.utils import (
     EngineId,
     EngineTransferInfo,
@@ -40,6 +44,41 @@ if TYPE_CHECKING:
 
 logger = init_logger(__name__)
 
+T = TypeVar("T")
+
+# Backoff between side-channel attempts to a producer that answered late.
+_RETRY_FIRST_S = 0.05
+_RETRY_MAX_S = 1.0
+
+
+def _retry_on_timeout(call: Callable[[], T], deadline: float, source: str) -> T:
+    """``call()``, again after a side-channel receive timeout (``zmq.Again``)
+    until ``deadline``; then an error naming the peer and the wait."""
+    delay = _RETRY_FIRST_S
+    attempts = 0
+    start = time.monotonic()
+    while True:
+        attempts += 1
+        try:
+            return call()
+        except zmq.Again as e:
+            if time.monotonic() + delay >= deadline:
+                raise TimeoutError(
+                    f"the NIXL side channel of {source} did not answer in "
+                    f"{time.monotonic() - start:.1f} s ({attempts} attempts of 5 s "
+                    "each); the producer engine is overloaded or gone. The wait "
+                    "is bounded by kv_lease_duration in kv_connector_extra_config"
+                ) from e
+            logger.info(
+                "ElasticNixlConnector: side channel %s answered late (attempt %d); "
+                "retrying",
+                source,
+                attempts,
+            )
+            time.sleep(delay)
+            delay = min(2 * delay, _RETRY_MAX_S)
+
+
 # Stands in the handle tables vLLM indexes for peers whose descriptors we
 # build per request: nothing is prepped, so nothing is released.
 PER_REQUEST_HANDLE = -1
@@ -53,6 +92,14 @@ class HandshakeWorker(NixlPullConnectorWorker):
     ) -> None:
         super().__init__(vllm_config, engine_id, kv_cache_config)
         self.peers = PeerTable()
+        ktc = vllm_config.kv_transfer_config
+        # How long a handshake or a refresh may keep retrying a producer that
+        # answers late: the time it holds a finished request's KV.
+        self._handshake_deadline_s = float(
+            ktc.get_from_extra_config("kv_lease_duration", 30)
+            if ktc is not None
+            else 30
+        )
         # Whether this engine's own memory is elastic (set at registration).
         self.elastic = False
 
@@ -68,24 +115,35 @@ class HandshakeWorker(NixlPullConnectorWorker):
     ) -> tuple[dict[tuple[int, int], str], float]:
         # vLLM decodes only its own metadata fields; read ours from the same
         # payload first, then let vLLM run its handshake (version and hash
-        # checks, clock offset) which calls add_remote_agent below.
+        # checks, clock offset) which calls add_remote_agent below. On a busy
+        # host the producer's side channel may miss the 5 s receive timeout:
+        # retry, as long as the producer may still hold the request's KV.
         assert self.transfer_topo is not None
+        deadline = time.monotonic() + self._handshake_deadline_s
         for rank in self.transfer_topo.handshake_target_ranks(
             remote_tp_size, remote_dcp_size
         ):
-            _, meta = decode_agent_metadata(
-                fetch_handshake(host, port, 0, rank), f"{host}:{port}"
+            payload = _retry_on_timeout(
+                functools.partial(fetch_handshake, host, port, 0, rank),
+                deadline,
+                f"{host}:{port}",
             )
+            _, meta = decode_agent_metadata(payload, f"{host}:{port}")
             self.peers.stash((expected_engine_id, rank), meta, host, port)
-        return super()._nixl_handshake(
-            host,
-            port,
-            remote_tp_size,
-            expected_engine_id,
-            remote_dcp_size,
-            remote_pp_size,
-            notif_agents_only,
-        )
+        vllm_handshake = super()._nixl_handshake
+
+        def handshake() -> tuple[dict[tuple[int, int], str], float]:
+            return vllm_handshake(
+                host,
+                port,
+                remote_tp_size,
+                expected_engine_id,
+                remote_dcp_size,
+                remote_pp_size,
+                notif_agents_only,
+            )
+
+        return _retry_on_timeout(handshake, deadline, f"{host}:{port}")
 
     def add_remote_agent(
         self,

@@ -34,6 +34,12 @@ from elastic_nixl.staging.protocol import (
 # kv_transfer_params key: the producer's mapping epoch when it finished the
 # request. A consumer holding older metadata for that producer refreshes it.
 EPOCH_PARAM = "elastic_nixl_epoch"
+# kv_transfer_params keys: when the producer's hold on the request's blocks
+# ends unless a heartbeat extends it (its clock), and how far a heartbeat
+# extends it. A consumer reports a read successful only if it completed
+# while the hold lasted (connector/leases.py).
+LEASE_EXPIRY_PARAM = "elastic_nixl_lease_expiry"
+LEASE_EXTENSION_PARAM = "elastic_nixl_lease_extension"
 
 
 # Bounds: generous for real engines, small enough that address arithmetic
@@ -156,6 +162,8 @@ PARAM_BLOCK_IDS = Annotated[
 ]
 _Text = Annotated[str, msgspec.Meta(min_length=1, max_length=4096)]
 _Size = Annotated[int, msgspec.Meta(ge=1, le=1 << 16)]
+# A perf_counter reading or a duration, in seconds (finite: NaN and inf fail).
+_Clock = Annotated[float, msgspec.Meta(ge=0, le=1e12)]
 
 
 class ConsumerParams(msgspec.Struct, forbid_unknown_fields=False):
@@ -173,6 +181,8 @@ class ConsumerParams(msgspec.Struct, forbid_unknown_fields=False):
     remote_num_tokens: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)] | None = None
     remote_blocks_expiry_time: float | None = None
     elastic_nixl_epoch: Epoch | None = None
+    elastic_nixl_lease_expiry: _Clock | None = None
+    elastic_nixl_lease_extension: _Clock | None = None
 
 
 def parse_consumer_params(params: dict[str, Any], req_id: str) -> ConsumerParams:
@@ -210,6 +220,10 @@ class ElasticConnectorMetadata(NixlConnectorMetadata):
         super().__init__()
         # Consumer: the producer epoch each request to receive needs.
         self.required_epochs: dict[str, int] = {}
+        # Consumer: (producer engine, its request id, lease end, heartbeat
+        # extension; the producer's clock) of requests that arrived since the
+        # last step (connector/leases.py).
+        self.read_leases: dict[str, tuple[str, str, float, float]] = {}
         # Producer: blocks of requests a consumer will read; pinned mapped.
         self.blocks_to_lease: dict[str, list[int]] = {}
         # Consumer: requests whose kv_transfer_params were refused, and why;
@@ -228,6 +242,7 @@ class ElasticConnectorMetadata(NixlConnectorMetadata):
         state: dict[str, Any] = dict(vars(base))
         state.update(
             required_epochs={},
+            read_leases={},
             blocks_to_lease={},
             invalid_params={},
             map_groups=[],

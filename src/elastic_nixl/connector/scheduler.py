@@ -37,6 +37,8 @@ from vllm.logger import init_logger
 from elastic_nixl.config import AllocatorChoice, settings_from_vllm_config
 from elastic_nixl.connector.metadata import (
     EPOCH_PARAM,
+    LEASE_EXPIRY_PARAM,
+    LEASE_EXTENSION_PARAM,
     ElasticConnectorMetadata,
     ElasticWorkerMetadata,
     parse_consumer_params,
@@ -90,6 +92,7 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
         # Consumer: validated producer epoch per request, and refusals.
         self._epochs: dict[str, int] = {}
         self._refused: dict[str, str] = {}
+        self._read_leases: dict[str, tuple[str, str, float, float]] = {}
         # allocator 'vmm': what is mapped, decided here (see connector/pool.py).
         self.pool_policy: PoolPolicy | None = None
 
@@ -153,6 +156,17 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
             else:
                 if parsed.elastic_nixl_epoch is not None:
                     self._epochs[request.request_id] = parsed.elastic_nixl_epoch
+                expiry = parsed.elastic_nixl_lease_expiry
+                extension = parsed.elastic_nixl_lease_extension
+                if expiry is not None and extension is not None:
+                    # Sent to the worker at once: heartbeats go out while the
+                    # request waits, before it is scheduled.
+                    self._read_leases[request.request_id] = (
+                        parsed.remote_engine_id,
+                        parsed.remote_request_id,
+                        expiry,
+                        extension,
+                    )
         elif params is not None and not isinstance(params, dict):
             logger.error(
                 "ElasticNixlConnector: request %s: kv_transfer_params must be an "
@@ -244,6 +258,8 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
         assert isinstance(base, NixlConnectorMetadata)
         meta = ElasticConnectorMetadata.extend(base)
         meta.required_epochs = epochs
+        meta.read_leases = self._read_leases
+        self._read_leases = {}
         meta.blocks_to_lease = self._blocks_to_lease
         meta.invalid_params = refused
         self._blocks_to_lease = {}
@@ -265,11 +281,18 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
         request's blocks queued for the worker to pin until they are read."""
         self._epochs.pop(request.request_id, None)
         self._refused.pop(request.request_id, None)
+        self._read_leases.pop(request.request_id, None)
         if self.pool_policy is not None:
             self.pool_policy.note_freed(b for group in block_ids for b in group)
         delay_free, params = super().request_finished(request, block_ids)
         if delay_free and params is not None:
             params[EPOCH_PARAM] = self._producer_epoch
+            expiry = self._reqs_need_send.get(request.request_id)
+            if expiry is not None:
+                # vLLM's hold on the blocks, in this process's clock (the one
+                # its side channel reports to a consumer's handshake).
+                params[LEASE_EXPIRY_PARAM] = expiry
+                params[LEASE_EXTENSION_PARAM] = self._kv_lease_duration * 2 // 3
             self._blocks_to_lease[request.request_id] = sorted(
                 {b for group in block_ids for b in group}
             )

@@ -43,6 +43,8 @@ class ElasticStats(RegistrationStats):
     bytes_read: int = 0
     refused_reads: int = 0
     staged_reads: int = 0
+    # Reads that completed after the producer's hold on the blocks ended.
+    late_reads: int = 0
 
 
 ELASTIC_KEYS = ("mapped_bytes", "grows", "shrinks", "mapping_epoch", "mapping_s")

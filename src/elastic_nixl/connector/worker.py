@@ -53,6 +53,7 @@ from elastic_nixl.capabilities import (
 from elastic_nixl.compat import check_expandable_segments
 from elastic_nixl.config import ElasticNixlSettings, TransferPath
 from elastic_nixl.connector.handshake import PER_REQUEST_HANDLE, HandshakeWorker
+from elastic_nixl.connector.leases import ReadLease, ReadLeases
 from elastic_nixl.connector.metadata import (
     ElasticAgentMetadata,
     ElasticConnectorMetadata,
@@ -69,6 +70,11 @@ from elastic_nixl.connector.planning import (
 from elastic_nixl.connector.pool_worker import (
     PoolApplier,
     agent_without_progress_thread,
+)
+from elastic_nixl.connector.refresh import (
+    PeerRefresher,
+    RefreshOutcome,
+    RefreshWait,
 )
 from elastic_nixl.connector.regions import (
     SHARED_GROUP,
@@ -91,10 +97,6 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
 logger = init_logger(__name__)
-
-# How long a consumer keeps re-fetching a producer's metadata that does not
-# yet cover a read (see _refresh_then_read): a few producer steps.
-REFRESH_WAIT_S = 5.0
 
 
 class ElasticNixlConnectorWorker(HandshakeWorker):
@@ -144,7 +146,23 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
         self._refused_reads: dict[str, str] = {}
         self._refreshed_for: set[str] = set()
         self._fetched_for_refresh: dict[EngineId, list[tuple[int, Any]]] = {}
+        # Waits for a producer's newer payload run on our own thread, never on
+        # vLLM's handshake executor, for as long as the producer's lease may
+        # still hold the blocks (connector/refresh.py).
+        self._refresh_deadline_s = float(
+            vllm_config.kv_transfer_config.get_from_extra_config(
+                "kv_lease_duration", 30
+            )
+            if vllm_config.kv_transfer_config is not None
+            else 30
+        )
+        self._refresh_metas: dict[str, ReqMeta] = {}
+        self._refresher: PeerRefresher[ElasticAgentMetadata] = PeerRefresher(
+            self._fetch_peer, self.peers.ranks, self._on_refreshed
+        )
         self._send_leases: dict[str, Lease] = {}
+        # Consumer: the producers' holds on the blocks of requests to read.
+        self._read_leases = ReadLeases()
         self._recv_leases: dict[str, Lease] = {}
         # Staged path: our own NIXL agents, each driven by its own thread.
         self.staged = StagedLink(
@@ -526,6 +544,18 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
             for req_id in reading:
                 transfers[req_id] = []
             done -= reading
+            # Never report bytes read after the producer's lease ended.
+            for req_id in list(done):
+                why = self._read_was_late(req_id)
+                if why is not None:
+                    self.elastic_stats.late_reads += 1
+                    self._log_failure(
+                        failure_type="elastic_read_after_lease",
+                        req_id=req_id,
+                        msg=why,
+                    )
+                    self._release_recv_lease(req_id)
+                    failed.add(req_id)  # vLLM: done and failed = failed receive
         return done, failed
 
     # ------------------------------------------------------------------
@@ -540,7 +570,44 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
             self._refused_reads.update(metadata.invalid_params)
             for req_id, block_ids in metadata.blocks_to_lease.items():
                 self._lease_for_send(req_id, block_ids)
+            for req_id, (eid, remote_id, expiry, ext) in metadata.read_leases.items():
+                self._read_leases.track(req_id, eid, remote_id, ReadLease(expiry, ext))
+        # vLLM sends this step's heartbeats to engines it has shaken hands with.
+        beating = [
+            (eid, list(info.req_ids))
+            for eid, info in metadata.heartbeat_by_engine.items()
+            if eid in self._remote_agents
+        ]
         super().start_load_kv(metadata)
+        for eid, remote_ids in beating:
+            sent_at = self._producer_clock(eid)
+            if sent_at is not None:
+                for remote_id in remote_ids:
+                    self._read_leases.heartbeat(eid, remote_id, sent_at)
+
+    def _producer_clock(self, engine_id: EngineId) -> float | None:
+        """``engine_id``'s clock now (the offset vLLM's handshake measured)."""
+        offset = self._engine_clock_offset.get(engine_id)
+        return None if offset is None else time.perf_counter() + offset
+
+    def _read_was_late(self, req_id: str) -> str | None:
+        """Why a completed read of ``req_id`` cannot be trusted, if it cannot:
+        it completed after the producer's hold on the blocks ended."""
+        tracked = self._read_leases.get(req_id)
+        self._read_leases.forget(req_id)
+        if tracked is None:
+            return None  # vLLM's NixlConnector as producer: vLLM's semantics
+        engine_id, lease = tracked
+        now = self._producer_clock(engine_id)
+        if now is None or lease.held_at(now):
+            return None
+        return (
+            f"the read completed {now - lease.expiry:+.1f} s from the end of engine "
+            f"{engine_id}'s hold on the request's KV blocks (kv_lease_duration, "
+            "extended by heartbeats): the producer may have freed them, so the KV "
+            "is not trusted. Raise kv_lease_duration in the producer's "
+            "kv_connector_extra_config, or give the engines more CPU"
+        )
 
     def _lease_for_send(self, req_id: str, block_ids: list[int]) -> None:
         if self.memory is None or not self.elastic or not block_ids:
@@ -596,9 +663,13 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
             )
             self._failed_recv_reqs.put(req_id)
 
-    def _remote_blocks_unknown(self, view: PeerView, meta: ReqMeta) -> bool:
+    def _remote_blocks_unknown(
+        self, view: PeerView, meta: ReqMeta, *, beyond_capacity_raises: bool = False
+    ) -> bool:
         """Whether the request names remote blocks outside what we know the peer
-        registered: our metadata may be stale, so refresh before refusing."""
+        registered: our metadata may be stale, so refresh before refusing.
+        Blocks beyond the peer's capacity can never be registered: with
+        ``beyond_capacity_raises`` that ends a wait at once (ValueError)."""
         assert meta.remote is not None
         groups = self.dst_region_group_ids.get(meta.remote.engine_id) or [0]
         for i, g in enumerate(view.regions):
@@ -609,6 +680,8 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
             if not len(ids):
                 continue
             if g.out_of_range(ids).any():
+                if beyond_capacity_raises:
+                    raise ValueError("blocks beyond the producer's capacity")
                 return True  # beyond its capacity: the read will be refused
             if view.extents.uncovered(g.base + ids * g.block_stride, g.block_len).any():
                 return True
@@ -617,46 +690,49 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
     def _refresh_then_read(
         self, req_id: str, meta: ReqMeta, engine_id: EngineId
     ) -> None:
-        """Fetch the peer's metadata on the handshake thread (it waits on the
-        network), then queue the read; the engine thread applies what was
-        fetched before it reads (:meth:`_apply_fetched`)."""
-        ranks = self.peers.ranks(engine_id)
-        needed = self._required_epochs.get(req_id, 0)
+        """Wait, on the refresher's thread, until the producer's payload covers
+        this read (:mod:`.refresh`), then queue the read; the engine thread
+        applies what was fetched before it reads (:meth:`_apply_fetched`)."""
 
-        def fetch() -> list[tuple[int, Any]]:
-            # The producer publishes a new mapping with its step's output: a
-            # consumer asking first may see an older epoch than the request
-            # names; ask again, briefly. (Blocks still unknown at the named
-            # epoch are refused at once, by the read.)
-            deadline = time.monotonic() + REFRESH_WAIT_S
-            delay = 0.005
-            while True:
-                fetched = [(rank, self._fetch_peer(engine_id, rank)) for rank in ranks]
-                if all((m.elastic_epoch or 0) >= needed for _, m in fetched):
-                    return fetched
-                if time.monotonic() + delay > deadline:
-                    return fetched  # the read names what is still missing
-                time.sleep(delay)
-                delay = min(2 * delay, 0.2)
+        def covers(fetched: list[tuple[int, ElasticAgentMetadata]]) -> bool:
+            return not any(
+                self._remote_blocks_unknown(PeerView.from_metadata(m, "", "", 0), meta)
+                for _, m in fetched
+            )
 
-        def done(fut: Any) -> None:
-            try:
-                fetched = fut.result()
-            except Exception as e:  # noqa: BLE001 - reported through vLLM's path
-                self._log_failure(
-                    failure_type="elastic_refresh_failed",
-                    req_id=req_id,
-                    msg=str(e),
-                    meta=meta,
-                )
-            else:
-                with self._reg_lock:
-                    self._fetched_for_refresh[engine_id] = fetched
-            # Read either way: a read that still names unknown blocks is
-            # refused in _read_blocks with a message naming them.
-            self._ready_requests.put((req_id, meta))
+        self._refresh_metas[req_id] = meta
+        self._refresher.wait_for(
+            RefreshWait(
+                req_id,
+                engine_id,
+                covers,
+                deadline=time.monotonic() + self._refresh_deadline_s,
+            )
+        )
 
-        self._handshake_initiation_executor.submit(fetch).add_done_callback(done)
+    def _on_refreshed(self, outcome: RefreshOutcome[ElasticAgentMetadata]) -> None:
+        """The refresher's thread: keep what was fetched, queue the read."""
+        meta = self._refresh_metas.pop(outcome.req_id, None)
+        if meta is None:
+            return
+        if outcome.fetched is not None:
+            with self._reg_lock:
+                self._fetched_for_refresh[outcome.engine_id] = outcome.fetched
+        if not outcome.covered:
+            why = outcome.error or "its payload still lacks them"
+            self._log_failure(
+                failure_type="elastic_refresh_failed",
+                req_id=outcome.req_id,
+                msg=(
+                    f"engine {outcome.engine_id} did not advertise the request's "
+                    f"blocks within {self._refresh_deadline_s:.0f} s "
+                    f"(kv_lease_duration; {outcome.attempts} fetch(es)): {why}"
+                ),
+                meta=meta,
+            )
+        # Read either way: a read that still names unknown blocks is refused
+        # in _read_blocks with a message naming them.
+        self._ready_requests.put((outcome.req_id, meta))
 
     def _apply_fetched(self, engine_id: EngineId) -> None:
         with self._reg_lock:
@@ -852,6 +928,7 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        self._refresher.close()
         self.staged.close()
         for leases in (self._send_leases, self._recv_leases):
             for lease in leases.values():

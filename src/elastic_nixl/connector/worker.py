@@ -907,6 +907,14 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
         requests are released."""
         self._collect_staged()
         results = super().get_transfer_results()
+        if len(self._read_leases):
+            # Requests aborted before their read: forget their leases.
+            clocks = {
+                eid: t
+                for eid in self._engine_clock_offset
+                if (t := self._producer_clock(eid)) is not None
+            }
+            self._read_leases.prune(clocks, older_than_s=600.0)
         for req_id in results.finished_sending:
             lease = self._send_leases.pop(req_id, None)
             if lease is not None:

@@ -1,0 +1,46 @@
+"""ReadLease: when a consumer may report a read successful (connector/leases.py)."""
+
+from __future__ import annotations
+
+from elastic_nixl.connector.leases import COMPLETION_MARGIN_S, ReadLease, ReadLeases
+
+
+def test_a_read_completing_under_the_lease_is_trusted_and_a_late_one_is_not():
+    lease = ReadLease(expiry=100.0, extension=20.0)
+    assert lease.held_at(100.0 - COMPLETION_MARGIN_S - 0.01)
+    assert not lease.held_at(100.0 - COMPLETION_MARGIN_S + 0.01)
+    assert not lease.held_at(130.0)
+
+
+def test_heartbeats_extend_the_lease_as_the_producer_does():
+    lease = ReadLease(expiry=30.0, extension=20.0)
+    for sent_at in range(5, 100, 5):  # every lease/6, as vLLM sends them
+        lease.heartbeat(float(sent_at))
+    assert lease.expiry == 95.0 + 20.0
+    assert lease.held_at(110.0)
+
+
+def test_a_heartbeat_that_may_arrive_after_the_end_extends_nothing():
+    """Sent within a quarter extension of the end: it may arrive after the
+    producer freed the blocks, so the consumer does not count it."""
+    lease = ReadLease(expiry=30.0, extension=20.0)
+    lease.heartbeat(26.0)
+    assert lease.expiry == 30.0
+    lease.heartbeat(40.0)  # after the end: nothing to extend
+    assert lease.expiry == 30.0
+    assert not lease.held_at(35.0)
+
+
+def test_the_table_follows_heartbeats_by_the_producers_request_id():
+    leases = ReadLeases()
+    leases.track("d-1", "P", "p-1", ReadLease(30.0, 20.0))
+    leases.track("d-2", "P", "p-2", ReadLease(30.0, 20.0))
+    leases.heartbeat("P", "p-1", 20.0)
+    leases.heartbeat("Q", "p-2", 20.0)  # another engine's request: ignored
+    assert leases.get("d-1") == ("P", ReadLease(40.0, 20.0))
+    assert leases.get("d-2") == ("P", ReadLease(30.0, 20.0))
+    leases.forget("d-1")
+    leases.heartbeat("P", "p-1", 25.0)
+    assert leases.get("d-1") is None and len(leases) == 1
+    leases.prune({"P": 1000.0}, older_than_s=600.0)
+    assert len(leases) == 0

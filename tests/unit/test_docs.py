@@ -260,7 +260,9 @@ def test_no_file_cites_a_path_outside_the_repository():
     cited = {
         str(p.relative_to(REPO)): hits
         for p in tracked_text_files()
-        if (hits := citations_outside(p, p.read_text(errors="replace")))
+        # This file's own examples of what is refused are not citations.
+        if p != Path(__file__).resolve()
+        and (hits := citations_outside(p, p.read_text(errors="replace")))
     }
     assert cited == AWAITING_HAND_EDIT, (
         f"citations of paths outside the repository: {cited}; "

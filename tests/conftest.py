@@ -2,6 +2,8 @@
 
 import os
 
+from ucx_env import ucx_tls
+
 os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
-# Keep UCX on loopback-friendly transports; tcp must stay in the list.
-os.environ.setdefault("UCX_TLS", "tcp,self,sm")
+# The same command runs on a CPU and a GPU machine (tests/ucx_env.py).
+os.environ["UCX_TLS"] = ucx_tls()

@@ -31,8 +31,15 @@ DEFAULT_KV_LAYOUT = "LBNHC"
 
 
 def heads_inside_block(layout: str) -> bool:
-    """Whether each layer's page of a block is one contiguous run (the head
-    axis is inside both the layer and the block axes)."""
+    """Whether each layer's page of a block is one contiguous run.
+
+    Args:
+        layout: a ``KVCacheLayout`` name, e.g. ``"LBHNC"``.
+
+    Returns:
+        True when the head axis is inside both the layer and the block axes,
+        so one descriptor covers a (layer, block) page.
+    """
     return layout.index("H") > max(layout.index("L"), layout.index("B"))
 
 
@@ -51,6 +58,7 @@ class MemoryKind(enum.Enum):
 
     @property
     def nixl_mem_type(self) -> str:
+        """NIXL's memory-type name for it: ``"DRAM"`` or ``"VRAM"``."""
         return "DRAM" if self is MemoryKind.HOST else "VRAM"
 
 
@@ -87,9 +95,16 @@ class MemoryExtent:
 
     @property
     def end(self) -> int:
+        """One past the last byte's address."""
         return self.base + self.nbytes
 
     def contains(self, addr: int, nbytes: int = 1) -> bool:
+        """Whether ``[addr, addr + nbytes)`` lies wholly inside this extent.
+
+        Args:
+            addr: first byte's virtual address.
+            nbytes: length of the range; 1 asks about one byte.
+        """
         return self.base <= addr and addr + nbytes <= self.end
 
 

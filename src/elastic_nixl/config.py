@@ -51,24 +51,70 @@ _DEFAULT_CHUNK_BYTES = 2 * 1024 * 1024
 _DEFAULT_STAGING_SLOTS = 4
 _DEFAULT_STAGING_SLOT_BYTES = 128 * 1024 * 1024
 
-# Upper bounds of each integer key: far beyond any real deployment, and low
-# enough that sizes computed from them stay exact (no overflow anywhere).
-LIMITS: dict[str, int] = {
-    "virtual_blocks": 1 << 32,
-    "chunk_bytes": 1 << 30,
-    "staging_slots": 64,
-    "staging_slot_bytes": 16 << 30,
-    "staging_timeout_s": 3600,
-    "max_mapped_bytes": 1 << 50,
-    "idle_mapped_bytes": 1 << 50,
+
+@dataclass(frozen=True)
+class IntRange:
+    """The values an integer key accepts, both ends included."""
+
+    lowest: int
+    highest: int
+
+    def __contains__(self, value: object) -> bool:
+        # bool is an int subclass; `true` is never a size.
+        return (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and self.lowest <= value <= self.highest
+        )
+
+
+# The range of each integer key. Upper bounds are far beyond any real
+# deployment and low enough that sizes computed from them stay exact (no
+# overflow anywhere); the README's configuration table states the same
+# ranges (tests/unit/test_docs.py holds them together).
+INT_RANGES: dict[str, IntRange] = {
+    "chunk_bytes": IntRange(4096, 1 << 30),  # and a multiple of 4096
+    "staging_slots": IntRange(1, 64),
+    "staging_slot_bytes": IntRange(1, 16 << 30),
+    "staging_timeout_s": IntRange(1, 3600),
+    "max_mapped_bytes": IntRange(1, 1 << 50),
+    # 0, the default, is valid: an idle engine keeps no cached blocks.
+    "idle_mapped_bytes": IntRange(0, 1 << 50),
+}
+
+# Every key of ours that kv_connector_extra_config accepts.
+KNOWN_KEYS: frozenset[str] = frozenset(
+    {
+        "allocator",
+        "chunk_bytes",
+        "transfer_path",
+        "staging_slots",
+        "staging_slot_bytes",
+        "staging_timeout_s",
+        "max_mapped_bytes",
+        "idle_mapped_bytes",
+        "nixl_progress_thread",
+    }
+)
+
+# Keys once documented that nothing reads, each refused with the reason:
+# accepting one silently would let a deployment believe it took effect.
+REFUSED_KEYS: dict[str, str] = {
+    "virtual_blocks": (
+        "kv_connector_extra_config['virtual_blocks'] is not read: with "
+        "allocator 'vmm' in vllm serve the virtual capacity V is the block count "
+        "vLLM's scheduler sees, so set V with --num-gpu-blocks-override and cap "
+        "physical memory with max_mapped_bytes"
+    ),
 }
 
 
 @dataclass(frozen=True)
 class ElasticNixlSettings:
     allocator: AllocatorChoice = AllocatorChoice.AUTO
-    # Virtual capacity in blocks for the VMM allocator; None = 4x the physical
-    # budget vLLM computed.
+    # Not a key (REFUSED_KEYS says why): always None from
+    # kv_connector_extra_config. Kept while vllm_seam.allocate_elastic_kv_cache
+    # reads it for its default V (4x the physical budget when None).
     virtual_blocks: int | None = None
     # Physical allocation unit: also the NIXL registration unit.
     chunk_bytes: int = _DEFAULT_CHUNK_BYTES
@@ -77,8 +123,9 @@ class ElasticNixlSettings:
     # regions); a slot holds at least one block.
     staging_slots: int = _DEFAULT_STAGING_SLOTS
     staging_slot_bytes: int = _DEFAULT_STAGING_SLOT_BYTES
-    # Staged path: how long a consumer may hold a producer's slot (and wait
-    # for a producer) before the transfer is failed and the slot reclaimed.
+    # Staged path: a producer ends a transfer (and releases its KV lease) that
+    # got no slot grant from its consumer for this long; a consumer fails a
+    # transfer whose chunks have not all arrived this long after it asked.
     staging_timeout_s: int = 60
     # allocator 'vmm' in vllm serve: the physical cap (None: V blocks may all
     # be mapped) and what an idle engine keeps mapped of its prefix cache.
@@ -89,32 +136,41 @@ class ElasticNixlSettings:
     nixl_progress_thread: bool = True
 
     def staging_slot_blocks(self, bytes_per_block: int) -> int:
-        """Blocks one slot holds (at least one) for blocks of this size."""
+        """How many blocks one staging slot holds.
+
+        Args:
+            bytes_per_block: bytes of one block, all KV regions together.
+
+        Returns:
+            ``staging_slot_bytes // bytes_per_block``, at least one: a slot
+            smaller than a block still carries one.
+        """
         return max(1, self.staging_slot_bytes // max(1, bytes_per_block))
 
     @classmethod
     def from_extra_config(cls, extra: Mapping[str, Any] | None) -> ElasticNixlSettings:
-        """Validate ``kv_connector_extra_config``; ``ValueError`` names the
-        first bad key and the valid choices."""
+        """Validate ``kv_connector_extra_config``.
+
+        Args:
+            extra: the whole dict, vLLM's NIXL keys included (they are passed
+                over, for vLLM's code to read); ``None`` is an empty dict.
+
+        Returns:
+            The settings, defaults for every key not given.
+
+        Raises:
+            ValueError: naming the first bad key and the valid choices.
+        """
         extra = dict(extra or {})
         ours = {k: v for k, v in extra.items() if k not in VLLM_NIXL_KEYS}
-        known = {
-            "allocator",
-            "virtual_blocks",
-            "chunk_bytes",
-            "transfer_path",
-            "staging_slots",
-            "staging_slot_bytes",
-            "staging_timeout_s",
-            "max_mapped_bytes",
-            "idle_mapped_bytes",
-            "nixl_progress_thread",
-        }
-        unknown = sorted(set(ours) - known)
+        refused = sorted(set(ours) & set(REFUSED_KEYS))
+        if refused:
+            raise ValueError(REFUSED_KEYS[refused[0]])
+        unknown = sorted(set(ours) - KNOWN_KEYS)
         if unknown:
             raise ValueError(
                 f"kv_connector_extra_config: unknown key(s) {unknown} for "
-                f"ElasticNixlConnector; valid keys are {sorted(known)} plus "
+                f"ElasticNixlConnector; valid keys are {sorted(KNOWN_KEYS)} plus "
                 f"vLLM's NIXL keys {sorted(VLLM_NIXL_KEYS)}"
             )
         kwargs: dict[str, Any] = {}
@@ -122,8 +178,6 @@ class ElasticNixlSettings:
             kwargs["allocator"] = _enum_value(AllocatorChoice, "allocator", ours)
         if "transfer_path" in ours:
             kwargs["transfer_path"] = _enum_value(TransferPath, "transfer_path", ours)
-        if "virtual_blocks" in ours and ours["virtual_blocks"] is not None:
-            kwargs["virtual_blocks"] = _bounded_int("virtual_blocks", ours)
         if "nixl_progress_thread" in ours:
             flag = ours["nixl_progress_thread"]
             if not isinstance(flag, bool):
@@ -132,29 +186,29 @@ class ElasticNixlSettings:
                     f"or false, got {flag!r}"
                 )
             kwargs["nixl_progress_thread"] = flag
-        if ours.get("max_mapped_bytes") is not None:
-            kwargs["max_mapped_bytes"] = _bounded_int("max_mapped_bytes", ours)
-        for key in ("staging_slots", "staging_slot_bytes", "staging_timeout_s"):
-            if key in ours:
+        for key in INT_RANGES:
+            # None written out is the default of max_mapped_bytes (no cap).
+            if key in ours and not (key == "max_mapped_bytes" and ours[key] is None):
                 kwargs[key] = _bounded_int(key, ours)
-        if "idle_mapped_bytes" in ours:
-            # 0, the default, is valid: an idle engine keeps no cached blocks.
-            kwargs["idle_mapped_bytes"] = _bounded_int(
-                "idle_mapped_bytes", ours, lowest=0
+        if kwargs.get("chunk_bytes", 0) % 4096:
+            raise ValueError(
+                "kv_connector_extra_config['chunk_bytes'] must be a multiple of "
+                f"4096 (the host page size), got {kwargs['chunk_bytes']}"
             )
-        if "chunk_bytes" in ours:
-            chunk = _bounded_int("chunk_bytes", ours)
-            if chunk % 4096:
-                raise ValueError(
-                    "kv_connector_extra_config['chunk_bytes'] must be a multiple of "
-                    f"4096 (the host page size), got {chunk}"
-                )
-            kwargs["chunk_bytes"] = chunk
         return cls(**kwargs)
 
 
 def settings_from_vllm_config(vllm_config: VllmConfig) -> ElasticNixlSettings:
-    """Our settings from ``--kv-transfer-config``: the one place they are read."""
+    """Our settings from ``--kv-transfer-config``: the one place they are read.
+
+    Args:
+        vllm_config: the engine's config; no ``kv_transfer_config`` means
+            every default.
+
+    Returns:
+        :meth:`ElasticNixlSettings.from_extra_config` of its
+        ``kv_connector_extra_config``.
+    """
     ktc = vllm_config.kv_transfer_config
     return ElasticNixlSettings.from_extra_config(
         ktc.kv_connector_extra_config if ktc is not None else None
@@ -172,12 +226,12 @@ def _enum_value(enum_cls: type[enum.Enum], key: str, ours: Mapping[str, Any]) ->
     return enum_cls(raw.lower())
 
 
-def _bounded_int(key: str, ours: Mapping[str, Any], lowest: int = 1) -> int:
+def _bounded_int(key: str, ours: Mapping[str, Any]) -> int:
     raw = ours[key]
-    limit = LIMITS[key]
-    if isinstance(raw, bool) or not isinstance(raw, int) or not lowest <= raw <= limit:
+    allowed = INT_RANGES[key]
+    if raw not in allowed:
         raise ValueError(
-            f"kv_connector_extra_config[{key!r}] must be an integer from {lowest} "
-            f"to {limit}, got {raw!r}"
+            f"kv_connector_extra_config[{key!r}] must be an integer from "
+            f"{allowed.lowest} to {allowed.highest}, got {raw!r}"
         )
-    return raw
+    return int(raw)

@@ -1,10 +1,10 @@
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from mock_nixl import MockNixlAgent, MockNixlFabric
+from waiting import wait_until
 
 
 @pytest.fixture
@@ -43,15 +43,18 @@ def make_engine(fabric: MockNixlFabric) -> Iterator[Callable[..., object]]:
         eng.shutdown()
 
 
-def run_until(producer, consumer, req_id: str, steps: int = 200) -> set[str]:
-    """Step both engines until the consumer reports ``req_id`` received."""
-    for _ in range(steps):
+def run_until(producer, consumer, req_id: str, timeout_s: float = 30.0) -> set[str]:
+    """Step both engines until the consumer reports ``req_id`` received;
+    returns the ids it reported received in that step."""
+
+    def received() -> set[str] | None:
         _, recving = consumer.step()
         producer.step()
-        if req_id in recving:
-            return recving
-        time.sleep(0.005)
-    raise AssertionError(f"{req_id} never finished receiving")
+        return recving if req_id in recving else None
+
+    return wait_until(
+        received, timeout_s, interval_s=0.005, what=f"{req_id} to finish receiving"
+    )
 
 
 @pytest.fixture

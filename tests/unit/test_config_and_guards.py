@@ -20,7 +20,6 @@ def test_values_and_vllm_keys_pass_through():
     s = ElasticNixlSettings.from_extra_config(
         {
             "allocator": "VMM",
-            "virtual_blocks": 4096,
             "chunk_bytes": 1 << 21,
             "backends": ["UCX"],
             "num_threads": 2,
@@ -28,7 +27,7 @@ def test_values_and_vllm_keys_pass_through():
         }
     )
     assert s.allocator is AllocatorChoice.VMM
-    assert s.virtual_blocks == 4096 and s.chunk_bytes == 1 << 21
+    assert s.chunk_bytes == 1 << 21
 
 
 def test_vmm_sizes_accept_their_defaults_written_out():
@@ -48,15 +47,15 @@ def test_vmm_sizes_accept_their_defaults_written_out():
     [
         ({"alocator": "vmm"}, "unknown key(s) ['alocator']"),
         ({"allocator": "cuda"}, "choose one of ['auto', 'vmm', 'static']"),
-        ({"virtual_blocks": 0}, "'virtual_blocks'] must be an integer from 1 to"),
-        ({"virtual_blocks": True}, "'virtual_blocks'] must be an integer from 1"),
+        ({"staging_slots": True}, "'staging_slots'] must be an integer from 1"),
         # Absurd sizes are refused by name, not left to overflow later.
-        ({"virtual_blocks": 10**18}, "'virtual_blocks'] must be an integer from 1"),
-        ({"chunk_bytes": 1 << 40}, "'chunk_bytes'] must be an integer from 1 to"),
+        ({"max_mapped_bytes": 10**18}, "'max_mapped_bytes'] must be an integer"),
+        ({"chunk_bytes": 1 << 40}, "'chunk_bytes'] must be an integer from 4096"),
+        ({"chunk_bytes": 1000}, "'chunk_bytes'] must be an integer from 4096"),
         ({"staging_slots": 10**6}, "'staging_slots'] must be an integer from 1 to"),
         ({"staging_slot_bytes": 10**15}, "'staging_slot_bytes'] must be an integer"),
         ({"staging_slots": "4"}, "'staging_slots'] must be an integer from 1 to"),
-        ({"chunk_bytes": 1000}, "multiple of 4096"),
+        ({"chunk_bytes": 5000}, "multiple of 4096"),
         ({"transfer_path": "fast"}, "choose one of ['auto', 'direct', 'staged']"),
         ({"idle_mapped_bytes": -1}, "'idle_mapped_bytes'] must be an integer from 0"),
         ({"max_mapped_bytes": 0}, "'max_mapped_bytes'] must be an integer from 1"),
@@ -66,6 +65,16 @@ def test_bad_values_name_the_key(extra, needle):
     with pytest.raises(ValueError) as ei:
         ElasticNixlSettings.from_extra_config(extra)
     assert needle in str(ei.value)
+
+
+@pytest.mark.parametrize("value", [4096, None, 0])
+def test_virtual_blocks_is_refused_with_what_to_set_instead(value):
+    # vllm serve sizes the reservation from vLLM's block count
+    # (vllm_seam.elastic_kv_allocation): the key would be silently ignored.
+    with pytest.raises(ValueError) as ei:
+        ElasticNixlSettings.from_extra_config({"virtual_blocks": value})
+    assert "'virtual_blocks'] is not read" in str(ei.value)
+    assert "--num-gpu-blocks-override" in str(ei.value)
 
 
 def test_parse_alloc_conf():

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
+from elastic_nixl import cuda_driver
 from elastic_nixl.allocator import BlockGeometry, VmmKVAllocator
-from elastic_nixl.allocator import cuda as cuda_mod
 from elastic_nixl.allocator.cuda import (
     CudaBackend,
     CudaDriverError,
@@ -221,7 +221,8 @@ class FakeDriver:
 def fake(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeDriver]:
     def install(**attrs: int) -> FakeDriver:
         f = FakeDriver(**attrs)
-        monkeypatch.setattr(cuda_mod, "load_driver", lambda: f)
+        # The one place the driver is loaded and initialised.
+        monkeypatch.setattr(cuda_driver, "load_driver", lambda: f)
         return f
 
     return install
@@ -324,7 +325,7 @@ def test_device_checks_against_fake_driver(fake: Callable[..., FakeDriver]) -> N
     f = fake()
     f.fail["cuInit"] = R.CUDA_ERROR_NO_DEVICE
     with pytest.raises(
-        KVMemoryError, match="cuInit.*CUDA_ERROR_NO_DEVICE.*no CUDA device"
+        KVMemoryError, match=r"^no CUDA device: cuInit\(0\) failed with CUDA_ERROR_NO"
     ):
         CudaBackend(0)
     f = fake()

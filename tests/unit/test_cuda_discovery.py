@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from elastic_nixl import cuda_driver
 from elastic_nixl.allocator.cuda import CudaDriverError, load_driver
 from elastic_nixl.capabilities import (
     ExportKind,
@@ -207,7 +208,7 @@ class FakeDriver:
 def fake(monkeypatch: pytest.MonkeyPatch) -> Callable[..., FakeDriver]:
     def install(allocs: list[Alloc], **kw: Any) -> FakeDriver:
         f = FakeDriver(allocs, **kw)
-        monkeypatch.setattr(disc, "load_driver", lambda: f)
+        monkeypatch.setattr(cuda_driver, "load_driver", lambda: f)
         return f
 
     return install

@@ -1,6 +1,7 @@
 """The house: product layers import only downwards, tools sit on top, no cycles.
 
-Layers, lowest first: the ground (contract, intervals, settings, compat),
+Layers, lowest first: the ground (contract, intervals, settings, compat, the
+CUDA driver and NVML),
 ``allocator`` (how memory is mapped), ``memory`` (what memory this is),
 ``staging`` (moving bytes the transport cannot export), the vLLM seam,
 ``connector`` (how vLLM drives it), the plugin and package root, and
@@ -19,7 +20,7 @@ SRC = Path(elastic_nixl.__file__).parent
 PKG = "elastic_nixl"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("capabilities", "runs", "config", "compat"),
+    ("capabilities", "runs", "config", "compat", "cuda_driver"),
     ("allocator",),
     ("memory",),
     ("staging",),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -23,6 +22,7 @@ from mock_nixl import (
     nixlNotPostedError,
     nixlRepostActiveError,
 )
+from waiting import wait_until
 
 CONF = SimpleNamespace(backends=["UCX"], capture_telemetry=True)
 
@@ -416,18 +416,49 @@ def _scenario(make: Callable[[str], Any]) -> dict[str, object]:
         except Exception as e:  # record the class name only
             out[what] = type(e).__name__
 
+    def finish(h: Any) -> str:
+        wait_until(lambda: a.check_xfer_state(h) != "PROC", what="the transfer")
+        return str(a.check_xfer_state(h))
+
+    def notifs_of(agent: Any, count: int) -> dict[str, list[bytes]]:
+        """Drain ``agent``'s notifications until ``count`` have arrived."""
+        got: dict[str, list[bytes]] = {}
+
+        def drained() -> bool:
+            for peer, msgs in agent.get_new_notifs().items():
+                got.setdefault(peer, []).extend(msgs)
+            return sum(map(len, got.values())) >= count
+
+        wait_until(drained, what=f"{count} notification(s)")
+        return got
+
     h = a.initialize_xfer("READ", x(0, 256, dst), x(256, 256, src), "B", b"n1")
     a.transfer(h)
-    deadline = time.monotonic() + 10
-    while a.check_xfer_state(h) == "PROC" and time.monotonic() < deadline:
-        time.sleep(0.001)
+    finish(h)
     out["state"] = a.check_xfer_state(h)
     out["moved"] = bool((dst[:256] == src[256:512]).all()) and not dst[256:].any()
-    notifs: dict[str, list[bytes]] = {}
-    while not notifs and time.monotonic() < deadline:
-        notifs = b.get_new_notifs()
-    out["notifs"] = notifs
+    out["notifs"] = notifs_of(b, 1)
     a.release_xfer_handle(h)
+    # WRITE: A's bytes land in B's memory, and B is told with the message.
+    dst[:128] = 77
+    h = a.initialize_xfer("WRITE", x(0, 128, dst), x(1024, 128, src), "B", b"w1")
+    a.transfer(h)
+    out["write_state"] = finish(h)
+    out["written"] = bool((src[1024:1152] == 77).all() and src[1152] == 1152 % 251)
+    out["write_notifs"] = notifs_of(b, 1)
+    a.release_xfer_handle(h)
+    attempt(
+        "write_outside",
+        lambda: a.initialize_xfer("WRITE", x(0, 256, dst), x(2048, 256, src), "B"),
+    )
+    # Notifications alone, both ways, in order, and drained once read.
+    a.send_notif("B", b"m1")
+    a.send_notif("B", b"m2")
+    out["sent_notifs"] = notifs_of(b, 2)
+    out["drained"] = b.get_new_notifs()
+    b.add_remote_agent(a.get_agent_metadata())
+    b.send_notif("A", b"back")
+    out["reply_notifs"] = notifs_of(a, 1)
     for what, off in [("outside", 2048), ("straddle", 2048 - 128)]:
         rem = x(off, 256, src)
 
@@ -449,7 +480,7 @@ def _scenario(make: Callable[[str], Any]) -> dict[str, object]:
     attempt("stale", lambda: a.prep_xfer_dlist("B", x(0, 256, extra)))
     a.add_remote_agent(b.get_agent_metadata())
     attempt("refreshed", lambda: a.prep_xfer_dlist("B", x(0, 256, extra)))
-    attempt("notif_unknown", lambda: b.send_notif("A", b"x"))
+    attempt("notif_unknown", lambda: b.send_notif("Z", b"x"))
     return out
 
 
@@ -465,3 +496,7 @@ def test_mock_matches_real_nixl(fabric: MockNixlFabric) -> None:
     assert mock["state"] == "DONE" and mock["moved"] is True
     assert mock["init_straddle"] == mock["prep_outside"] == "nixlNotFoundError"
     assert mock["stale"] == "nixlNotFoundError" and mock["refreshed"] == "ok"
+    assert mock["write_state"] == "DONE" and mock["written"] is True
+    assert mock["write_notifs"] == {"A": [b"w1"]}
+    assert mock["sent_notifs"] == {"A": [b"m1", b"m2"]} and mock["drained"] == {}
+    assert mock["reply_notifs"] == {"B": [b"back"]}

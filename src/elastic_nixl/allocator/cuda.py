@@ -6,8 +6,9 @@ request) and, where the device supports it, ``gpuDirectRDMACapable`` so a
 NIC can register it. VMM memory is never legacy-CUDA-IPC capable
 (``cuIpcGetMemHandle`` refuses it), so that export kind is never claimed.
 
-NVIDIA's ``cuda-bindings`` is imported, and the driver initialised, only when
-a backend is constructed: this module imports on machines without a GPU.
+NVIDIA's ``cuda-bindings`` is imported, and the driver initialised (by
+:func:`elastic_nixl.cuda_driver.initialised_driver`), only when a backend is
+constructed: this module imports on machines without a GPU.
 Every driver call is checked; failures raise ``CudaDriverError`` (a
 ``KVMemoryError``) naming the call and the ``CUresult``.
 """
@@ -22,6 +23,17 @@ from typing import TYPE_CHECKING, Any
 from elastic_nixl.allocator.backend import MemoryBackend
 from elastic_nixl.allocator.dlpack import DL_CUDA, dlpack_tensor
 from elastic_nixl.capabilities import ExportKind, KVMemoryError, MemoryKind
+
+# The driver's set-up and error translation live in the ground module; these
+# names stay importable from here, where callers have always found them.
+from elastic_nixl.cuda_driver import (
+    CudaDriverError,
+    check,
+    device_handle,
+    initialised_driver,
+    load_driver,
+    result_name,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -39,76 +51,6 @@ _HANDLE_ATTRS: dict[ExportKind, str] = {
     ),
     ExportKind.FABRIC: "CU_DEVICE_ATTRIBUTE_HANDLE_TYPE_FABRIC_SUPPORTED",
 }
-
-
-class CudaDriverError(KVMemoryError):
-    """A CUDA driver call failed; ``call`` and ``error_name`` say which and why."""
-
-    def __init__(self, call: str, code: int, error_name: str, hint: str = "") -> None:
-        self.call = call
-        self.code = code
-        self.error_name = error_name
-        super().__init__(f"{call} failed: {error_name} ({code}){hint}")
-
-
-def load_driver() -> ModuleType:
-    """NVIDIA's driver bindings (``cuda.bindings.driver``; older ``cuda.cuda``)."""
-    try:
-        from cuda.bindings import driver
-
-        return driver
-    except ImportError:
-        pass
-    try:
-        from cuda import cuda as legacy_driver  # cuda-python < 12.6
-
-        return legacy_driver
-    except ImportError as exc:
-        raise KVMemoryError(
-            "CudaBackend needs NVIDIA's cuda-bindings package "
-            f"(pip install cuda-bindings): {exc}"
-        ) from exc
-
-
-def result_name(err: Any) -> str:
-    """``CUDA_ERROR_OUT_OF_MEMORY`` for a CUresult (or its int value)."""
-    name = getattr(err, "name", None)
-    if isinstance(name, str):
-        return name
-    try:
-        from cuda.bindings import driver
-
-        return str(driver.CUresult(int(err)).name)
-    except Exception:
-        return f"CUresult {int(err)}"
-
-
-_HINTS = {
-    "CUDA_ERROR_OUT_OF_MEMORY": ": the GPU has no memory left for another chunk",
-    "CUDA_ERROR_NOT_SUPPORTED": ": the device or driver does not support this "
-    "allocation property (handle type, gpuDirectRDMACapable)",
-    "CUDA_ERROR_NO_DEVICE": ": no CUDA device is visible",
-    "CUDA_ERROR_NOT_PERMITTED": ": for fabric handles this process needs IMEX "
-    "channel access (nvidia-imex running, /dev/nvidia-caps-imex-channels)",
-}
-
-
-def check(result: Any, call: str) -> Any:
-    """Unpack a cuda-bindings return ``(err, *values)``; raise on error.
-
-    Returns ``None``, the single value, or a tuple of values.
-    """
-    if isinstance(result, tuple):
-        err, values = result[0], result[1:]
-    else:
-        err, values = result, ()
-    code = int(err)
-    if code != 0:
-        name = result_name(err)
-        raise CudaDriverError(call, code, name, _HINTS.get(name, ""))
-    if not values:
-        return None
-    return values[0] if len(values) == 1 else values
 
 
 def build_allocation_prop(
@@ -178,7 +120,7 @@ class CudaBackend(MemoryBackend):
                 f"cuMemCreate; "
                 f"choose one of {sorted(k.value for k in HANDLE_TYPES)}"
             )
-        drv = load_driver()
+        drv, visible = initialised_driver()
         self._drv = drv
         self._ordinal = device
         self._handle_type = handle_type
@@ -189,41 +131,16 @@ class CudaBackend(MemoryBackend):
         self._zero: tuple[Any, int] | None = None
         self._base = 0
         self._nbytes = 0
-        self._ctx: Any = None
-        self._init_device()
+        self._dev = device_handle(drv, visible, device)
+        self._ctx: Any = check(
+            drv.cuDevicePrimaryCtxRetain(self._dev),
+            f"cuDevicePrimaryCtxRetain({device})",
+        )
         try:
             self._configure(gpu_direct_rdma)
         except BaseException:
             self._release_context()
             raise
-
-    def _init_device(self) -> None:
-        drv = self._drv
-        try:
-            result = drv.cuInit(0)
-        except Exception as exc:  # driver library missing: DynamicLibNotFoundError
-            raise KVMemoryError(
-                f"no CUDA device: the CUDA driver library could not be loaded ({exc})"
-            ) from exc
-        if int(result[0]) != 0:
-            name = result_name(result[0])
-            raise CudaDriverError(
-                "cuInit(0)", int(result[0]), name, " (no CUDA device)"
-            )
-        count = int(check(drv.cuDeviceGetCount(), "cuDeviceGetCount()"))
-        if count == 0:
-            raise KVMemoryError("no CUDA device: cuDeviceGetCount() returned 0")
-        if self._ordinal >= count:
-            raise KVMemoryError(
-                f"CUDA device {self._ordinal} does not exist ({count} visible)"
-            )
-        self._dev = check(
-            drv.cuDeviceGet(self._ordinal), f"cuDeviceGet({self._ordinal})"
-        )
-        self._ctx = check(
-            drv.cuDevicePrimaryCtxRetain(self._dev),
-            f"cuDevicePrimaryCtxRetain({self._ordinal})",
-        )
 
     def _attr(self, name: str) -> int:
         attr = getattr(self._drv.CUdevice_attribute, name)
@@ -487,3 +404,15 @@ class CudaBackend(MemoryBackend):
             f"rdma={getattr(self, '_rdma', None)}, base=0x{self._base:x}, "
             f"chunks={len(self._handles)})"
         )
+
+
+__all__ = [
+    "HANDLE_TYPES",
+    "CudaBackend",
+    "CudaDriverError",
+    "build_access_desc",
+    "build_allocation_prop",
+    "check",
+    "load_driver",
+    "result_name",
+]

@@ -18,27 +18,22 @@ described from what the CUDA driver says about their addresses:
   ``cuda_ipc`` transport; the connector's transfer-path policy
   (``connector.planning.choose_transfer_path``) decides what to do about it.
 
-The driver (NVIDIA's ``cuda-bindings``) is loaded only when a function needs
-it, so this module imports on machines without a GPU; there every driver-using
-function raises ``KVMemoryError("no CUDA device: ...")``.
+The driver (NVIDIA's ``cuda-bindings``) is set up by
+:mod:`elastic_nixl.cuda_driver` only when a function needs it, so this module
+imports on machines without a GPU; there every driver-using function raises
+``KVMemoryError("no CUDA device: ...")``. The NVML probe of whether a peer's
+READ is fast (``active_nvlinks``, ``cuda_ipc_read_available``) lives there too,
+a question about the transport rather than the memory; both names are
+re-exported here for the callers that import them from this module.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-from collections.abc import Iterator
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from elastic_nixl.allocator.cuda import (
-    CudaDriverError,
-    build_allocation_prop,
-    check,
-    load_driver,
-    result_name,
-)
+from elastic_nixl.allocator.cuda import build_allocation_prop
 from elastic_nixl.capabilities import (
     ExportKind,
     KVMemoryCapabilities,
@@ -46,6 +41,15 @@ from elastic_nixl.capabilities import (
     MappingStability,
     MemoryExtent,
     MemoryKind,
+)
+from elastic_nixl.cuda_driver import (
+    CudaDriverError,
+    active_nvlinks,
+    as_int,
+    check,
+    cuda_ipc_read_available,
+    device_context,
+    result_name,
 )
 from elastic_nixl.memory.discovered import BlockSpans, DiscoveredMemory
 
@@ -88,69 +92,6 @@ _ATTRIBUTES: tuple[str, ...] = (
 # --------------------------------------------------------------------------
 
 
-def _as_int(value: Any) -> int:
-    """``int`` of a driver value (``CUdeviceptr``, ``CUmemoryPool``, int, bool)."""
-    if value is None:
-        return 0
-    return int(value)
-
-
-def _driver() -> tuple[ModuleType, int]:
-    """The initialised driver and the number of visible devices."""
-    try:
-        drv = load_driver()
-    except KVMemoryError as exc:
-        raise KVMemoryError(f"no CUDA device: {exc}") from exc
-    try:
-        result = drv.cuInit(0)
-    except Exception as exc:  # driver library missing: DynamicLibNotFoundError
-        raise KVMemoryError(
-            f"no CUDA device: the CUDA driver library could not be loaded ({exc})"
-        ) from exc
-    err = result[0] if isinstance(result, tuple) else result
-    if int(err) != 0:
-        raise KVMemoryError(
-            f"no CUDA device: cuInit(0) failed with {result_name(err)} ({int(err)})"
-        )
-    count = int(check(drv.cuDeviceGetCount(), "cuDeviceGetCount()"))
-    if count == 0:
-        raise KVMemoryError("no CUDA device: cuDeviceGetCount() returned 0")
-    return drv, count
-
-
-@contextlib.contextmanager
-def _session(device: int | None) -> Iterator[ModuleType]:
-    """The driver with a context current on this thread.
-
-    ``device=None`` uses the context already current (torch's, once it touched
-    CUDA) and otherwise device 0's primary context; an ordinal makes that
-    device's primary context current for the calls inside. A primary context
-    is retained for the calls and released after them, so one that did not
-    exist before does not outlive the call.
-    """
-    drv, count = _driver()
-    if device is None:
-        current = check(drv.cuCtxGetCurrent(), "cuCtxGetCurrent")
-        if _as_int(current) != 0:
-            yield drv
-            return
-        device = 0
-    if isinstance(device, bool) or not 0 <= device < count:
-        raise KVMemoryError(f"CUDA device {device} does not exist ({count} visible)")
-    dev = check(drv.cuDeviceGet(device), f"cuDeviceGet({device})")
-    ctx = check(
-        drv.cuDevicePrimaryCtxRetain(dev), f"cuDevicePrimaryCtxRetain({device})"
-    )
-    try:
-        check(drv.cuCtxPushCurrent(ctx), "cuCtxPushCurrent")
-        try:
-            yield drv
-        finally:
-            check(drv.cuCtxPopCurrent(), "cuCtxPopCurrent")
-    finally:
-        check(drv.cuDevicePrimaryCtxRelease(dev), "cuDevicePrimaryCtxRelease")
-
-
 def _address_range(drv: ModuleType, addr: int) -> tuple[int, int] | None:
     """``cuMemGetAddressRange``: (base, size) of the allocation at ``addr``.
 
@@ -161,7 +102,7 @@ def _address_range(drv: ModuleType, addr: int) -> tuple[int, int] | None:
     if int(result[0]) != 0 and result_name(result[0]) in _UNMAPPED_RESULTS:
         return None
     base, size = check(result, f"cuMemGetAddressRange(0x{addr:x})")
-    return _as_int(base), int(size)
+    return as_int(base), int(size)
 
 
 def _is_vmm_mapping(drv: ModuleType, addr: int) -> bool:
@@ -286,7 +227,7 @@ def describe_cuda_pointer(ptr: int, *, device: int | None = None) -> CudaPointer
     """
     if ptr < 0:
         raise ValueError(f"address must be >= 0, got {ptr}")
-    with _session(device) as drv:
+    with device_context(device) as drv:
         attrs = _pointer_attributes(drv, ptr)
         rng = _address_range(drv, ptr)
         if attrs is None:
@@ -294,20 +235,20 @@ def describe_cuda_pointer(ptr: int, *, device: int | None = None) -> CudaPointer
                 return CudaPointerInfo(address=ptr, mapped=False)
             attrs = _pointer_attributes_one_by_one(drv, ptr)
         mapped = bool(attrs.get("CU_POINTER_ATTRIBUTE_MAPPED", rng is not None))
-        mem_type = _as_int(attrs.get("CU_POINTER_ATTRIBUTE_MEMORY_TYPE"))
+        mem_type = as_int(attrs.get("CU_POINTER_ATTRIBUTE_MEMORY_TYPE"))
         if not mapped or mem_type == 0:
             return CudaPointerInfo(address=ptr, mapped=False)
         kind = MemoryKind.HOST if mem_type == _MEMORYTYPE_HOST else MemoryKind.CUDA
         legacy = bool(attrs.get("CU_POINTER_ATTRIBUTE_IS_LEGACY_CUDA_IPC_CAPABLE"))
-        mempool = _as_int(attrs.get("CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE")) != 0
+        mempool = as_int(attrs.get("CU_POINTER_ATTRIBUTE_MEMPOOL_HANDLE")) != 0
         managed = bool(attrs.get("CU_POINTER_ATTRIBUTE_IS_MANAGED"))
         is_vmm = (
             kind is MemoryKind.CUDA
             and not (legacy or mempool or managed)
             and _is_vmm_mapping(drv, ptr)
         )
-        range_base = _as_int(attrs.get("CU_POINTER_ATTRIBUTE_RANGE_START_ADDR"))
-        range_size = _as_int(attrs.get("CU_POINTER_ATTRIBUTE_RANGE_SIZE"))
+        range_base = as_int(attrs.get("CU_POINTER_ATTRIBUTE_RANGE_START_ADDR"))
+        range_size = as_int(attrs.get("CU_POINTER_ATTRIBUTE_RANGE_SIZE"))
         if rng is None:  # e.g. registered host memory: fall back to the range
             rng = (range_base, range_size)
         return CudaPointerInfo(
@@ -317,7 +258,7 @@ def describe_cuda_pointer(ptr: int, *, device: int | None = None) -> CudaPointer
             device=int(attrs.get("CU_POINTER_ATTRIBUTE_DEVICE_ORDINAL", -1)),
             is_vmm=is_vmm,
             legacy_ipc_capable=legacy,
-            allowed_handle_types=_as_int(
+            allowed_handle_types=as_int(
                 attrs.get("CU_POINTER_ATTRIBUTE_ALLOWED_HANDLE_TYPES")
             ),
             gpu_direct_rdma_capable=bool(
@@ -364,7 +305,7 @@ def cuda_allocation_granularity(device: int = 0, *, recommended: bool = False) -
     The minimum granularity by default: every VMM mapping starts on a multiple
     of it, so a walk in these steps cannot step over one.
     """
-    with _session(device) as drv:
+    with device_context(device) as drv:
         prop = build_allocation_prop(drv, device, ExportKind.NONE, False)
         flags = drv.CUmemAllocationGranularity_flags
         flag = (
@@ -418,7 +359,7 @@ def discover_cuda_extents(
     extents: list[tuple[int, int]] = []
     probes = 0
     addr = base
-    with _session(device) as drv:
+    with device_context(device) as drv:
         while addr < end:
             if max_probes is not None and probes >= max_probes:
                 worst = -(-nbytes // granularity)
@@ -536,62 +477,6 @@ class DiscoveredCudaMemory(DiscoveredMemory):
             f"device={self._span.device}, {origin}, extents={len(self._extents)}, "
             f"epoch={self._epoch})"
         )
-
-
-# --------------------------------------------------------------------------
-# Can a peer READ this device's memory fast?
-# --------------------------------------------------------------------------
-
-_NVML_SUCCESS = 0
-_NVML_MAX_LINKS = 18
-
-
-def _nvml() -> ctypes.CDLL | None:
-    try:
-        lib = ctypes.CDLL("libnvidia-ml.so.1")
-    except OSError:
-        return None
-    if lib.nvmlInit_v2() != _NVML_SUCCESS:
-        return None
-    return lib
-
-
-def active_nvlinks(device: int) -> int | None:
-    """Active NVLink links of CUDA device ``device`` (NVML), or None when NVML
-    cannot say (no driver library, or the device is not found)."""
-    lib = _nvml()
-    if lib is None:
-        return None
-    try:
-        with _session(device) as drv:
-            dev = check(drv.cuDeviceGet(device), f"cuDeviceGet({device})")
-            bus = check(drv.cuDeviceGetPCIBusId(32, dev), "cuDeviceGetPCIBusId")
-        bus_id = bus if isinstance(bus, bytes) else str(bus).encode()
-        handle = ctypes.c_void_p()
-        if lib.nvmlDeviceGetHandleByPciBusId_v2(
-            ctypes.c_char_p(bus_id.split(b"\0")[0]), ctypes.byref(handle)
-        ):
-            return None
-        active = 0
-        for link in range(_NVML_MAX_LINKS):
-            state = ctypes.c_uint(0)
-            rc = lib.nvmlDeviceGetNvLinkState(handle, link, ctypes.byref(state))
-            if rc == _NVML_SUCCESS and state.value:
-                active += 1
-        return active
-    except KVMemoryError:
-        return None
-    finally:
-        lib.nvmlShutdown()
-
-
-def cuda_ipc_read_available(device: int) -> bool | None:
-    """Whether UCX's cuda_ipc lane serves a peer's READ of this device's
-    memory: UCX turns it off ("cuda-ipc get zcopy disabled as no nvlinks
-    detected") on a GPU with no active NVLink, the same test made here with
-    NVML. None when it cannot be told."""
-    links = active_nvlinks(device)
-    return None if links is None else links > 0
 
 
 __all__ = [

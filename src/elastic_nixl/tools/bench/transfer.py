@@ -3,24 +3,38 @@
 Runs without vLLM (its wheel is too big to carry to the GPU machine): the
 project's allocator, registration planning, per-request descriptor planning
 and staging, moved by real NIXL agents in two processes. Rank 0 is the
-passive producer, rank 1 the consumer that READs, as in vLLM's pull mode.
+producer, which answers requests; rank 1 drives every case: it READs the
+producer's blocks (pull), WRITEs its own into the producer's (push), or asks
+the producer's staging server to push blocks into its slots (staged).
 
-Cases, all in one run, KV shaped like Llama-3-8B by default (32 layers,
-8 KV heads, head dim 128, block 16, bf16: 64 KiB per layer per block):
+Cases (``CASES``), all but the last at each request size of ``--sizes``, KV
+shaped like Llama-3-8B by default (32 layers, 8 KV heads, head dim 128,
+block 16, bf16: 64 KiB per layer per block):
 
-* ``ceiling``: raw NIXL READ, 2 MiB descriptors, cudaMalloc -> cudaMalloc;
-* ``a_vanilla_static``: vanilla NixlConnector's scheme, one prepped
-  descriptor per (layer, block), ``make_prepped_xfer`` by index;
-* ``b_project_static_direct``: per-request descriptors from ``plan_read``;
-* ``c_connector_vmm_staged``: VMM memory on both sides through the staged
-  path the connector runs (``elastic_nixl.staging``: StagingServer /
-  StagedReader, each on its own NIXL agent and thread, control over NIXL
-  notifications; gather -> READ of whole slots -> scatter);
-* ``d_project_vmm_direct``: VMM memory read directly (what UCX does with it
-  when nothing stages: software emulation over TCP), on a small batch.
+* ``ceiling``: raw NIXL READ, 2 MiB descriptors, cudaMalloc -> cudaMalloc,
+  a new transfer handle per batch;
+* ``ceiling_reused_handle``: the same READ, one handle re-posted;
+* ``ceiling_write``: raw NIXL WRITE, 2 MiB descriptors, the consumer's
+  cudaMalloc buffer into the producer's (UCX keeps cuda_ipc PUT fast where,
+  without NVLink, it turns READ off);
+* ``a_vanilla_pull``: vLLM's NixlConnector scheme, one prepped descriptor per
+  (layer, block), ``make_prepped_xfer`` READ by index;
+* ``a_vanilla_push``: the same descriptors WRITTEN, as vLLM's push mode;
+* ``b_project_static_staged``: cudaMalloc memory through the staged path the
+  connector runs (``elastic_nixl.staging``: the producer's StagingServer
+  gathers blocks into its slots and WRITEs each packed chunk into a slot the
+  consumer's StagedReader granted, which scatters it; each on its own NIXL
+  agent and thread, control over NIXL notifications);
+* ``b_project_static_direct``: cudaMalloc memory READ with per-request
+  descriptors from ``plan_read``;
+* ``c_project_vmm_staged``: VMM memory on both sides through the staged path;
+* ``d_project_vmm_direct``: VMM memory READ directly (what UCX does with it
+  when nothing stages: software emulation over TCP), one small batch.
 
-Also: cost of growing registered memory (map + NIXL register per chunk) and
-of staging (gather / scatter GB/s). Every case verifies the bytes it moved.
+Also: cost of growing registered memory (map + NIXL register per chunk), of
+staging (gather / scatter GB/s), and the transfer scenarios (stale metadata,
+leases across a shrink, a read of unmapped memory refused). Every case
+verifies the bytes it moved.
 
 Usage: ``elastic-nixl bench transfer --device cuda --json out.json``;
 ``--device cpu`` runs the same code on host memory (small sizes) for CI.
@@ -60,6 +74,21 @@ from elastic_nixl.staging import (
 from elastic_nixl.staging.buffer import BlockRows
 
 TIMEOUT_S = 120.0
+
+# Every case the bench emits, in the order it runs them: the names of
+# ``CaseResult.case`` in its output (tests/unit/test_docs.py holds the module
+# docstring and the docs to these).
+CASES: tuple[str, ...] = (
+    "ceiling",
+    "ceiling_reused_handle",
+    "ceiling_write",
+    "a_vanilla_pull",
+    "a_vanilla_push",
+    "b_project_static_staged",
+    "b_project_static_direct",
+    "c_project_vmm_staged",
+    "d_project_vmm_direct",
+)
 
 
 class _NoLease:
@@ -403,7 +432,7 @@ def run_ceiling(
         "ceiling_reused_handle",
         n * d,
         n,
-        note="one handle re-posted (shared/device probe's method)",
+        note="one handle re-posted, as a probe that reuses its handle",
     )
     ld, rd = (
         side.agent.get_xfer_descs(loc, side.mem),

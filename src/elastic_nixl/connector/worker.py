@@ -11,9 +11,15 @@ memory changes the answer:
   then build the descriptors of one request from its block ids, coalesced;
 * ``start_load_kv`` / ``get_transfer_results``: pin blocks while peers read
   them (leases), release when done;
-* staged path (memory UCX cannot export, e.g. VMM): the producer serves its
-  blocks through bounce slots and the consumer reads those instead
-  (:mod:`.staged`); completions re-enter vLLM's bookkeeping here.
+* staged path (where UCX would serve a READ by software emulation: GPU
+  memory it cannot export, e.g. VMM, or any GPU memory without active NVLink;
+  ``planning.choose_transfer_path``): the consumer grants bounce slots, the
+  producer gathers its blocks into its own slots and WRITEs them into the
+  consumer's, which scatters them (:mod:`.staged`); completions re-enter
+  vLLM's bookkeeping here;
+* a refresh of a producer's registrations waits off the read path
+  (:mod:`.refresh`), and a read is reported successful only if it completed
+  while the producer still held the blocks (:mod:`.leases`).
 """
 
 from __future__ import annotations
@@ -473,8 +479,9 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
         )
 
     def _reads_staged(self, view: PeerView) -> bool:
-        """Whether reads from this peer go through its slots: it offers them
-        and this engine was not told to read directly."""
+        """Whether this peer's blocks reach us through slots (it pushes them
+        with WRITE): it offers them and this engine was not told to read
+        directly."""
         return (
             view.staging is not None
             and self.settings.transfer_path is not TransferPath.DIRECT
@@ -488,8 +495,9 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
         local_ids: Sequence[Sequence[int]],
         remote_ids: Sequence[Sequence[int]],
     ) -> None:
-        """Hand the read to the staged link; completion comes back through
-        get_transfer_results. Raises if the request cannot be staged."""
+        """Hand the request to the staged link (the producer pushes into our
+        slots); completion comes back through get_transfer_results. Raises if
+        the request cannot be staged."""
         assert view.staging is not None and self.memory is not None
         flat_local = [int(b) for b in local_ids[0]]
         flat_remote = [int(b) for b in remote_ids[0]]

@@ -453,6 +453,44 @@ def test_static_prefill_to_vmm_decode(live: Cluster) -> None:
     assert_same(outcomes)
 
 
+def test_client_chosen_future_epochs_do_not_delay_or_corrupt_others(
+    live: Cluster,
+) -> None:
+    """Four requests whose params carry a far-future mapping epoch (any client
+    can write one) sent together with an honest request: the honest one is
+    served right and without waiting for them; the forged ones fail alone or
+    are served right. (Before: each held vLLM's single handshake executor
+    polling for the epoch, the honest request behind them outlived its lease
+    and came back wrong with HTTP 200.)"""
+    client = live.client("m-prefill", "m-decode")
+    prompts = make_prompts(5, seed=77, min_len=300, max_len=900)
+    params = [client.prefill(p, f"epoch-{i}")[0] for i, p in enumerate(prompts)]
+    forged = [dict(p, **{EPOCH_PARAM: 2**62}) for p in params[:4]]
+
+    def decode(i: int) -> tuple[float, Completion | str]:
+        t0 = time.monotonic()
+        try:
+            kv = forged[i] if i < 4 else params[4]
+            got: Completion | str = client.decode(
+                prompts[i], kv, MAX_TOKENS, request_id=f"epoch-{i}", t0=t0
+            )
+        except RequestFailed as e:
+            got = str(e)
+        return time.monotonic() - t0, got
+
+    with ThreadPoolExecutor(5) as pool:
+        results = list(pool.map(decode, range(5)))
+    e_client = live.client("e-prefill", "e-decode")
+    elapsed, honest = results[4]
+    assert isinstance(honest, Completion), honest
+    assert honest.token_ids == e_client.whole(prompts[4], MAX_TOKENS).token_ids
+    for i, (_, got) in enumerate(results[:4]):
+        if isinstance(got, Completion):
+            assert got.token_ids == e_client.whole(prompts[i], MAX_TOKENS).token_ids
+    print(f"\nhonest request beside four forged epochs: {elapsed:.1f} s")
+    good_request(live, "m-prefill", "m-decode", seed=78)
+
+
 # ---------------------------------------------------------------------------
 # Faults: one request fails, alone, and says why; the engine keeps serving
 # ---------------------------------------------------------------------------

@@ -26,9 +26,17 @@ producer WRITE        producer slot -> granted consumer slot, carrying the
                       notification ``Written(xfer, chunk, slot, num_blocks)``,
                       which NIXL delivers once the bytes are there
 producer -> consumer  ``Failed(xfer, reason)``: the transfer is over; also the
-                      answer to ``Cancel`` once no WRITE of it is in flight
+                      answer to ``Cancel`` once no WRITE of it is in flight,
+                      and at once to a ``Cancel`` of a transfer not running
 consumer -> producer  ``Cancel(xfer)`` when it gives up on a transfer
 ====================  =========================================================
+
+Every failure ends its transfer alone and returns what it held: a ``Stage``
+is checked (block count against the producer's bound, ids against its rows)
+before a lease or slot is taken, and a gather or WRITE that raises gives its
+slot back and answers ``Failed`` naming the reason. The consumer grants a
+new transfer at most its fair share of its slots, and one producer never
+holds all of them, so a producer that falls silent cannot starve the others.
 
 The producer leases the blocks of a transfer until no gather of it can run,
 so they stay mapped while they are gathered, and refuses blocks that are not

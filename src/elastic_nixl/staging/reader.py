@@ -230,13 +230,15 @@ class StagedReader(StagingEndpoint):
     def _held(self, producer: str) -> int:
         """Our slots ``producer`` holds: granted to its live transfers and not
         yet written, or quarantined after one of them failed."""
-        return sum(
-            len(t.granted)
+        # A failed transfer still scattering is in both maps: count it once.
+        holders = {
+            id(t): t
             for t in itertools.chain(
                 self._transfers.values(), self._quarantined.values()
             )
             if t.producer == producer
-        )
+        }
+        return sum(len(t.granted) for t in holders.values())
 
     def _waiting(self) -> list[_Transfer]:
         """Live transfers with chunks still to grant, oldest first."""

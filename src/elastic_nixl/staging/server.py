@@ -168,6 +168,8 @@ class StagingServer(StagingEndpoint):
                 lease = self._lease(msg.block_ids)
             except KVMemoryError as e:
                 why = str(e)
+            except Exception as e:  # noqa: BLE001 - the consumer must hear why
+                why = f"{type(e).__name__}: {e}"
         if why is not None:
             self.stats.failures += 1
             self._remember(key)
@@ -404,3 +406,8 @@ class StagingServer(StagingEndpoint):
         for job in list(self._jobs.values()):
             job.gathering = job.writing = 0
             self._end(job, "producer shut down")
+        # Jobs that ended with work in flight: that work is dropped with the
+        # thread, so their leases go now.
+        for job in list(self._draining.values()):
+            job.gathering = job.writing = 0
+            self._release_when_idle(job)

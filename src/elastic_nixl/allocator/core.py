@@ -66,10 +66,12 @@ class BlockLease:
     release of the last lease on them.
     """
 
-    def __init__(self, owner: VmmKVAllocator, block_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self, owner: VmmKVAllocator, block_ids: tuple[int, ...], runs: Runs
+    ) -> None:
         self._owner = owner
         self._block_ids = block_ids
-        self._unique = np.unique(np.asarray(block_ids, np.int64))
+        self._runs = runs  # the blocks, as runs: what the allocator tracks
         self._released = False
 
     @property
@@ -106,7 +108,9 @@ class VmmKVAllocator:
     memory mapped in ``chunk_bytes`` units on demand.
 
     Implements ``capabilities.KVMemory``. State is O(mapped): a set of mapped
-    chunk indices, the blocks asked for as runs, and per-block lease counts.
+    chunk indices, the blocks asked for as runs, and each live lease's blocks
+    as runs. A lease costs O(ids) (sort and search against the fully mapped
+    blocks, cached per epoch), never O(ids x layers), under the lock.
 
     Mapping events are delivered synchronously, with the allocator's lock
     held, after the state (``epoch``, ``mapped_extents``) already shows the
@@ -179,8 +183,8 @@ class VmmKVAllocator:
         self._lock = threading.RLock()
         self._mapped: set[int] = set()
         self._wanted = Runs.empty()
-        self._lease_counts: dict[int, int] = {}
         self._leases: set[BlockLease] = set()
+        self._leased_cache: Runs | None = None  # union of the live leases' runs
         # Whether a leased block may be unwanted, i.e. an unmap was deferred:
         # without one, releasing a lease has nothing to unmap (the common
         # case, kept O(lease) rather than O(mapped)).
@@ -288,9 +292,27 @@ class VmmKVAllocator:
             return self._wanted
 
     def leased_blocks(self) -> dict[int, int]:
-        """Block id -> number of live leases on it."""
+        """Block id -> number of live leases on it (O(leased ids): for reports
+        and tests, not hot paths)."""
         with self._lock:
-            return dict(self._lease_counts)
+            if not self._leases:
+                return {}
+            ids = np.concatenate([lease._runs.ids() for lease in self._leases])
+            uniq, counts = np.unique(ids, return_counts=True)
+            return dict(zip(uniq.tolist(), counts.tolist(), strict=True))
+
+    def _leased_runs(self) -> Runs:
+        """Blocks under at least one live lease (cached until one changes)."""
+        if self._leased_cache is None:
+            if not self._leases:
+                self._leased_cache = Runs.empty()
+            else:
+                leases = list(self._leases)
+                self._leased_cache = Runs.from_intervals(
+                    np.concatenate([lease._runs.starts for lease in leases]),
+                    np.concatenate([lease._runs.ends for lease in leases]),
+                )
+        return self._leased_cache
 
     # ------------------------------------------------------------- queries
 
@@ -474,7 +496,7 @@ class VmmKVAllocator:
 
     def _unmap_runs(self, blocks: Runs) -> tuple[MemoryExtent, ...]:
         self._wanted = self._wanted.difference(blocks)
-        self._deferred = self._deferred or bool(self._lease_counts)
+        self._deferred = self._deferred or bool(self._leases)
         mapped_runs = self._mapped_runs
         if blocks.count > _DIRECT_UNMAP_BLOCKS:
             # A bulk shrink (``shrink_to``): only blocks that touch mapped
@@ -496,8 +518,7 @@ class VmmKVAllocator:
         users = block_runs_touching(
             self._pieces, candidates, self._chunk, self._num_blocks
         )
-        leased = Runs.from_ids(np.fromiter(self._lease_counts, np.int64))
-        keepers = users.intersection(self._wanted.union(leased))
+        keepers = users.intersection(self._wanted.union(self._leased_runs()))
         keep = chunk_runs_of_blocks(self._pieces, keepers, self._chunk)
         release = candidates.difference(keep)
         if not release:
@@ -540,32 +561,38 @@ class VmmKVAllocator:
         """Pin ``block_ids`` mapped until the lease is released.
 
         Raises ``KVMemoryError`` naming the first block that is out of range
-        or not fully mapped. Leases on the same block stack.
+        or not fully mapped. Leases on the same block stack. Costs O(ids):
+        the ids are sorted into runs and checked against the fully mapped
+        blocks (runs, cached per epoch), whatever the number of layers.
         """
         ids = as_ids(block_ids)
+        # Sorting into runs and the tuple are O(ids): outside the lock, which
+        # is held for O(runs) (O(ids) only to name the culprits of a refusal).
+        runs = Runs.from_ids(ids)
+        as_tuple = tuple(ids.tolist())
         with self._lock:
             self._ensure_open()
-            bad = self.unmapped_blocks(ids)
-            if bad:
-                b = bad[0]
+            if runs.difference(self._fully_mapped()):
+                # (Blocks out of range are never fully mapped.)
+                bad = ids[~self._fully_mapped().contains(ids)]
+                b = int(bad[0])
                 why = (
                     f"out of range [0, {self._num_blocks})"
                     if not 0 <= b < self._num_blocks
                     else "not mapped"
                 )
                 more = (
-                    f" ({len(bad)} of {ids.size} blocks unusable)"
-                    if len(bad) > 1
+                    f" ({bad.size} of {ids.size} blocks unusable)"
+                    if bad.size > 1
                     else ""
                 )
                 raise KVMemoryError(
                     f"cannot lease block {b} of allocator {self._name!r}: "
                     f"it is {why}{more}"
                 )
-            lease = BlockLease(self, tuple(ids.tolist()))
-            for b in lease._unique.tolist():
-                self._lease_counts[b] = self._lease_counts.get(b, 0) + 1
+            lease = BlockLease(self, as_tuple, runs)
             self._leases.add(lease)
+            self._leased_cache = None
             return lease
 
     def _release_lease(self, lease: BlockLease) -> None:
@@ -574,24 +601,19 @@ class VmmKVAllocator:
                 return
             lease._released = True
             self._leases.discard(lease)
-            if self._closed:
+            self._leased_cache = None
+            if self._closed or not self._deferred:
+                # Nothing was unmapped while leased: nothing to unmap now.
                 return
-            freed: list[int] = []
-            for b in lease._unique.tolist():
-                n = self._lease_counts[b] - 1
-                if n:
-                    self._lease_counts[b] = n
-                else:
-                    del self._lease_counts[b]
-                    freed.append(b)
-            if not freed or not self._deferred:
+            leased = self._leased_runs()
+            freed = lease._runs.difference(leased)
+            if not freed:
                 return
             candidates = chunk_runs_of_blocks(
-                self._pieces, Runs.from_ids(freed), self._chunk
+                self._pieces, freed, self._chunk
             ).intersection(self._mapped_runs)
             self._release_unneeded(candidates)
-            leased = Runs.from_ids(np.fromiter(self._lease_counts, np.int64))
-            self._deferred = bool(leased.difference(self._wanted))
+            self._deferred = bool(self._leased_runs().difference(self._wanted))
 
     # -------------------------------------------------------------- tensor
 
@@ -627,7 +649,7 @@ class VmmKVAllocator:
             finally:
                 self._closed = True
                 self._wanted = Runs.empty()
-                self._lease_counts.clear()
+                self._leased_cache = None
                 for lease in self._leases:
                     lease._released = True
                 self._leases.clear()

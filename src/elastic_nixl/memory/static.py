@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+
 from elastic_nixl.capabilities import (
     ALL_KV_LAYOUTS,
     ExportKind,
@@ -90,4 +92,16 @@ class StaticKVMemory:
         return lambda: None
 
     def lease(self, block_ids: Sequence[int]) -> Lease:
-        return _NoLease(tuple(block_ids))
+        """A lease on ``block_ids`` (nothing to pin); ``KVMemoryError`` naming
+        the first id outside ``[0, num_blocks)``, as the elastic allocator
+        refuses one, so no caller touches memory beyond vLLM's buffer."""
+        ids = np.asarray(block_ids, dtype=np.int64).reshape(-1)
+        bad = np.flatnonzero((ids < 0) | (ids >= self._num_blocks))
+        if bad.size:
+            more = f" ({bad.size} ids out of range)" if bad.size > 1 else ""
+            raise KVMemoryError(
+                f"cannot lease block {int(ids[bad[0]])} of static KV memory: it is "
+                f"out of range [0, {self._num_blocks}){more}; a peer or request "
+                "named a block this engine does not have"
+            )
+        return _NoLease(tuple(ids.tolist()))

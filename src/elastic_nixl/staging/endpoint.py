@@ -247,8 +247,8 @@ class StagingEndpoint:
             peer = peer.decode() if isinstance(peer, bytes) else str(peer)
             for raw in msgs:
                 try:
-                    msg = decode(raw)
-                except ValueError as e:
+                    msg = decode(raw, peer)
+                except Exception as e:  # noqa: BLE001 - one message, not the batch
                     self.reject(peer, str(e))
                     continue
                 try:

@@ -26,9 +26,17 @@ producer WRITE        producer slot -> granted consumer slot, carrying the
                       notification ``Written(xfer, chunk, slot, num_blocks)``,
                       which NIXL delivers once the bytes are there
 producer -> consumer  ``Failed(xfer, reason)``: the transfer is over; also the
-                      answer to ``Cancel`` once no WRITE of it is in flight
+                      answer to ``Cancel`` once no WRITE of it is in flight,
+                      and at once to a ``Cancel`` of a transfer not running
 consumer -> producer  ``Cancel(xfer)`` when it gives up on a transfer
 ====================  =========================================================
+
+Every failure ends its transfer alone and returns what it held: a ``Stage``
+is checked (block count against the producer's bound, ids against its rows)
+before a lease or slot is taken, and a gather or WRITE that raises gives its
+slot back and answers ``Failed`` naming the reason. The consumer grants a
+new transfer at most its fair share of its slots, and one producer never
+holds all of them, so a producer that falls silent cannot starve the others.
 
 The producer leases the blocks of a transfer until no gather of it can run,
 so they stay mapped while they are gathered, and refuses blocks that are not
@@ -37,7 +45,8 @@ the GPU). The consumer never reuses a slot it granted until the WRITE into it
 has been announced, or the producer has said the transfer is over.
 
 **Every message is untrusted.** It is decoded against the schema below
-(types and ranges: a message that does not fit is dropped, alone) and then
+(types, ranges, size and nesting: a message that does not fit is dropped,
+alone, as ``ValueError``; the others of its batch are handled as usual) and then
 checked against the state it names: a transfer is ``(sender, xfer)``, a chunk
 is its index, a slot is named with the chunk granted it. So a duplicated,
 forged or out-of-order message matches nothing and is ignored, or fails its
@@ -63,6 +72,9 @@ MAX_BLOCK_LEN = 1 << 32
 MAX_NAME = 512
 MAX_REASON = 4096
 MAX_METADATA_BYTES = 64 << 20
+# The largest message: a Stage with every id at 9 bytes, the consumer's offer
+# (metadata and all) and its grants, with room for field names.
+MAX_MESSAGE_BYTES = MAX_METADATA_BYTES + 9 * MAX_BLOCKS_PER_TRANSFER + (64 << 10)
 _ADDRESS_LIMIT = (1 << 63) - 1
 
 BlockId = Annotated[int, msgspec.Meta(ge=0, lt=MAX_BLOCK_ID)]
@@ -163,13 +175,35 @@ def encode(msg: Message) -> bytes:
     return _encoder.encode(msg)
 
 
-def decode(raw: bytes) -> Message:
+def decode(raw: bytes, peer: str | None = None) -> Message:
     """The message in notification bytes.
 
-    Raises ``ValueError`` saying what does not fit the schema (field, type or
-    range) for anything else.
+    Raises ``ValueError`` (naming ``peer`` when given) for anything else:
+    what does not fit the schema (field, type or range), more than
+    ``MAX_MESSAGE_BYTES``, or nesting deeper than the decoder recurses (an
+    unknown field nested ~1,000 arrays deep made msgspec raise
+    ``RecursionError``). Nothing a peer sends raises anything but
+    ``ValueError``.
     """
+    who = f" from {peer}" if peer is not None else ""
+    if len(raw) > MAX_MESSAGE_BYTES:
+        raise ValueError(
+            f"malformed staging message{who}: {len(raw)} bytes, more than the "
+            f"{MAX_MESSAGE_BYTES} any message can need; dropped"
+        )
     try:
         return _decoder.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError) as e:
-        raise ValueError(f"malformed staging message ({len(raw)} bytes): {e}") from e
+        raise ValueError(
+            f"malformed staging message{who} ({len(raw)} bytes): {e}"
+        ) from e
+    except RecursionError:
+        raise ValueError(
+            f"malformed staging message{who} ({len(raw)} bytes): nested too "
+            "deeply to decode"
+        ) from None
+    except Exception as e:  # noqa: BLE001 - whatever msgspec raises is the peer's
+        raise ValueError(
+            f"malformed staging message{who} ({len(raw)} bytes): "
+            f"{type(e).__name__}: {e}"
+        ) from e

@@ -8,6 +8,14 @@ scatters the slot into the blocks and grants it again. A slot granted to a
 transfer that failed is reused only once the producer said the transfer is
 over (so no late WRITE can land in it), or after twice the timeout. Results
 are collected by the engine's thread with :meth:`StagedReader.poll_results`.
+
+Grants are fair: a new transfer's ``Stage`` carries at most its share of our
+slots (``slots // transfers waiting``, at least one), free slots go round the
+waiting transfers one at a time, and the transfers of one producer never
+hold more than ``slots - 1`` slots between them (granted, or quarantined
+after a failure). So a producer that goes silent holding slots, and then
+holds them quarantined for twice the timeout, never blocks reads from other
+producers; with ``staging_slots`` 1 there is nothing to spare.
 """
 
 from __future__ import annotations
@@ -212,10 +220,42 @@ class StagedReader(StagingEndpoint):
                 continue
             self._transfers[(offer.agent_name, t.xfer)] = t
 
+    @property
+    def producer_cap(self) -> int:
+        """Most of our slots one producer's transfers may hold (granted and
+        not yet written, or quarantined): all but one, so a producer that
+        goes silent holding its slots never blocks reads from the others."""
+        return max(1, self.slots - 1)
+
+    def _held(self, producer: str) -> int:
+        """Our slots ``producer`` holds: granted to its live transfers and not
+        yet written, or quarantined after one of them failed."""
+        # A failed transfer still scattering is in both maps: count it once.
+        holders = {
+            id(t): t
+            for t in itertools.chain(
+                self._transfers.values(), self._quarantined.values()
+            )
+            if t.producer == producer
+        }
+        return sum(len(t.granted) for t in holders.values())
+
+    def _waiting(self) -> list[_Transfer]:
+        """Live transfers with chunks still to grant, oldest first."""
+        return [
+            t
+            for t in self._transfers.values()
+            if t.error is None and t.next_grant < len(t.chunks)
+        ]
+
     def _take_grants(self, t: _Transfer) -> list[int]:
-        """Free slots for the next chunks of ``t``, in chunk order."""
-        slots = []
-        while self.free_slots and t.next_grant < len(t.chunks):
+        """Free slots for the first chunks of ``t``, in chunk order: at most
+        its fair share of our slots while other transfers wait, and never
+        more than its producer may hold."""
+        share = max(1, self.slots // (len(self._waiting()) + 1))
+        room = min(share, self.producer_cap - self._held(t.producer))
+        slots: list[int] = []
+        while self.free_slots and t.next_grant < len(t.chunks) and len(slots) < room:
             slot = self.free_slots.popleft()
             t.granted[t.next_grant] = slot
             t.next_grant += 1
@@ -224,22 +264,25 @@ class StagedReader(StagingEndpoint):
 
     def _grant_free_slots(self) -> None:
         """Give free slots to transfers that still have chunks to grant,
-        oldest first, one slot each per round."""
+        oldest first, one slot each per round, none to a producer holding
+        its cap."""
         while self.free_slots:
+            held = {p: self._held(p) for p in {t.producer for t in self._waiting()}}
             waiting = [
-                t
-                for t in self._transfers.values()
-                if t.error is None and t.next_grant < len(t.chunks)
+                t for t in self._waiting() if held[t.producer] < self.producer_cap
             ]
             if not waiting:
                 return
             for t in waiting:
                 if not self.free_slots:
                     return
+                if held[t.producer] >= self.producer_cap:
+                    continue
                 slot = self.free_slots.popleft()
                 chunk = t.next_grant
                 t.granted[chunk] = slot
                 t.next_grant += 1
+                held[t.producer] += 1
                 self.send(t.producer, Grant(t.xfer, chunk, slot))
 
     def handle(self, peer: str, msg: Message) -> None:

@@ -1,12 +1,17 @@
 """The producer's side of the staged path: gather blocks, WRITE them to a consumer.
 
-See :mod:`elastic_nixl.staging.protocol` for the messages. A ``Stage`` leases
-the blocks for the transfer (so they stay mapped while they are gathered) and
-is refused, before any GPU access, when a block is not mapped. A chunk moves
-once the consumer granted it a slot and one of ours is free: gather into our
-slot, WRITE into theirs with ``Written`` as the notification, free our slot
-when the WRITE completes. Jobs take turns; one that makes no progress for the
-timeout (a consumer that vanished) is failed and its lease released.
+See :mod:`elastic_nixl.staging.protocol` for the messages. A ``Stage`` is
+checked before any lease or slot is taken (at most ``max_blocks_per_transfer``
+blocks, every id inside this producer's rows), then leases the blocks for the
+transfer (so they stay mapped while they are gathered) and is refused, before
+any GPU access, when a block is not mapped. A chunk moves once the consumer
+granted it a slot and one of ours is free: gather into our slot, WRITE into
+theirs with ``Written`` as the notification, free our slot when the WRITE
+completes. A gather or WRITE that raises returns its slot and ends its
+transfer with ``Failed`` naming the reason. Jobs take turns; one that makes no
+progress for the timeout (a consumer that vanished) is failed and its lease
+released. A ``Cancel`` is always answered: at once when nothing of the
+transfer runs (even one we never saw), else once its last WRITE is done.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from elastic_nixl.capabilities import KVMemoryError, Lease
@@ -28,6 +34,7 @@ from elastic_nixl.staging.endpoint import (
     is_done,
 )
 from elastic_nixl.staging.protocol import (
+    MAX_BLOCKS_PER_TRANSFER,
     Cancel,
     Failed,
     Grant,
@@ -80,12 +87,28 @@ class StagingServer(StagingEndpoint):
         mem_type: str,
         *,
         slot_timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_blocks_per_transfer: int | None = None,
         name: str = "elastic-nixl-staging-server",
     ) -> None:
         super().__init__(agent, region_views, slot_blocks, slots, mem_type, name)
         self._lease = lease
+        # A request names each of its blocks once, so no honest Stage names
+        # more blocks than this producer has rows: the default bound. The
+        # wire format's MAX_BLOCKS_PER_TRANSFER is only the decoder's limit.
+        bound = (
+            self.rows.num_blocks
+            if max_blocks_per_transfer is None
+            else max_blocks_per_transfer
+        )
+        if bound < 1:
+            raise ValueError(
+                f"staging server: max_blocks_per_transfer {bound} must be at least 1"
+            )
+        self.max_blocks_per_transfer = min(bound, MAX_BLOCKS_PER_TRANSFER)
         self._timeout = slot_timeout_s
         self._jobs: dict[Key, _Job] = {}
+        # Jobs that ended with a gather or WRITE of theirs still in flight.
+        self._draining: dict[Key, _Job] = {}
         self._ended: OrderedDict[Key, None] = OrderedDict()
         self._order: deque[Key] = deque()
         self._readers: dict[str, StagingOffer] = {}
@@ -114,11 +137,16 @@ class StagingServer(StagingEndpoint):
         elif isinstance(msg, Grant):
             self._on_grant(peer, msg)
         elif isinstance(msg, Cancel):
-            job = self._jobs.get((peer, msg.xfer))
-            if job is None:
-                self.reject(peer, f"Cancel for {msg.xfer}, a transfer not running")
-                return
-            self._end(job, "cancelled by the consumer")
+            key = (peer, msg.xfer)
+            job = self._jobs.get(key)
+            if job is not None:
+                self._end(job, "cancelled by the consumer")
+            elif key not in self._draining:
+                # Nothing of it runs or will be written (a Stage we refused or
+                # never saw, or one long over): say so, so the consumer need
+                # not hold the slots it granted until its quarantine ends. A
+                # transfer still draining answers once its last WRITE is done.
+                self.send(peer, Failed(msg.xfer, "no such transfer is running"))
         else:
             self.reject(peer, f"{type(msg).__name__} is not a consumer's message")
 
@@ -134,12 +162,18 @@ class StagingServer(StagingEndpoint):
             # A replay must not take a second lease on the same blocks.
             self.reject(peer, f"Stage {msg.xfer} repeats a transfer already staged")
             return
-        try:
-            lease = self._lease(msg.block_ids)
-        except KVMemoryError as e:
+        why = self._refusal(msg.block_ids)
+        if why is None:
+            try:
+                lease = self._lease(msg.block_ids)
+            except KVMemoryError as e:
+                why = str(e)
+            except Exception as e:  # noqa: BLE001 - the consumer must hear why
+                why = f"{type(e).__name__}: {e}"
+        if why is not None:
             self.stats.failures += 1
             self._remember(key)
-            self.send(peer, Failed(msg.xfer, f"producer cannot stage blocks: {e}"))
+            self.send(peer, Failed(msg.xfer, f"producer cannot stage blocks: {why}"))
             return
         step = min(self.slot_blocks, target.slot_blocks, msg.max_blocks)
         job = _Job(key, chunk_ids(msg.block_ids, step), lease, target)
@@ -147,6 +181,26 @@ class StagingServer(StagingEndpoint):
         self._order.append(key)
         for chunk, slot in enumerate(msg.grants):
             self._grant(job, chunk, slot)
+
+    def _refusal(self, block_ids: Sequence[int]) -> str | None:
+        """Why a Stage of ``block_ids`` cannot be served (before any lease or
+        slot is taken), or None. O(ids), vectorised."""
+        n = len(block_ids)
+        if n > self.max_blocks_per_transfer:
+            return (
+                f"{n} blocks in one transfer; this producer stages at most "
+                f"{self.max_blocks_per_transfer} (max_blocks_per_transfer)"
+            )
+        ids = np.asarray(block_ids, dtype=np.int64)
+        rows = self.rows.num_blocks
+        bad = np.flatnonzero((ids < 0) | (ids >= rows))
+        if bad.size:
+            more = f" ({bad.size} ids out of range)" if bad.size > 1 else ""
+            return (
+                f"block {int(ids[bad[0]])} is outside this producer's blocks "
+                f"[0, {rows}){more}"
+            )
+        return None
 
     def _know_reader(self, peer: str, offer: StagingOffer) -> None:
         if offer.agent_name != peer:
@@ -199,14 +253,35 @@ class StagingServer(StagingEndpoint):
             ready = [c for c in job.granted if c not in job.started]
             if ready:
                 chunk = min(ready)
-                slot = self.free_slots.popleft()
-                job.started.add(chunk)
-                job.gathering += 1
-                event = self.copy_async(self.buffer.gather, job.chunks[chunk], slot)
-                self._gathering.append((event, slot, job, chunk))
+                if not self._start_gather(job, chunk):
+                    continue  # the job ended; it takes no further turn
                 rounds = len(self._order) + 1
             if len(job.started) < len(job.chunks):
                 self._order.append(key)
+
+    def _start_gather(self, job: _Job, chunk: int) -> bool:
+        """Gather ``chunk`` into a free slot. Whatever the gather raises, the
+        slot comes back and the job ends, its consumer told why: no failure
+        may keep a slot (every later transfer would wait for it)."""
+        slot = self.free_slots.popleft()
+        started = False
+        reason = "gather interrupted"
+        try:
+            event = self.copy_async(self.buffer.gather, job.chunks[chunk], slot)
+            started = True
+        except Exception as e:  # noqa: BLE001 - fails this transfer alone
+            reason = f"gather of chunk {chunk} failed: {type(e).__name__}: {e}"
+            logger.warning("staging server: transfer %s: %s", job.key, reason)
+        finally:
+            if not started:
+                self.free_slots.appendleft(slot)
+                self._end(job, reason)
+        if not started:
+            return False
+        job.started.add(chunk)
+        job.gathering += 1
+        self._gathering.append((event, slot, job, chunk))
+        return True
 
     def _finish_gathers(self) -> None:
         pending = []
@@ -281,6 +356,7 @@ class StagingServer(StagingEndpoint):
         job.ended = True
         job.reason = reason
         self._jobs.pop(job.key, None)
+        self._draining[job.key] = job
         self._remember(job.key)
         if reason is not None:
             self.stats.failures += 1
@@ -291,6 +367,7 @@ class StagingServer(StagingEndpoint):
             job.lease.release()
             job.lease = None
         if job.gathering == 0 and job.writing == 0:
+            self._draining.pop(job.key, None)
             claimed = self._claimed.get(job.key[0], set())
             for slot in job.granted.values():
                 claimed.discard(slot)
@@ -329,3 +406,8 @@ class StagingServer(StagingEndpoint):
         for job in list(self._jobs.values()):
             job.gathering = job.writing = 0
             self._end(job, "producer shut down")
+        # Jobs that ended with work in flight: that work is dropped with the
+        # thread, so their leases go now.
+        for job in list(self._draining.values()):
+            job.gathering = job.writing = 0
+            self._release_when_idle(job)

@@ -329,6 +329,10 @@ def test_d_read_after_the_lease_expired_and_memory_shrank(cluster: Cluster) -> N
     # Now the late read, through the consumer's view of the old epoch.
     late = c.coord.receive(c.d, "dl-b", pre["params"], n=4)
     assert not late.ok, "the producer's bytes were gone: the read cannot be valid"
+    # ...and the consumer said so itself: the request failed through vLLM's
+    # failed-receive path (its blocks reported invalid), not "received" with
+    # zeros (docs/leases.md).
+    assert late.failed_ids, f"the late read was reported successful: {late}"
     assert c.prefill.proc.is_alive(), "the late read crashed the producer"
     # Both engines keep serving.
     ok(c.coord.transfer(prod, c.d, "dl-c", 3, max_id=P, wait_sent=False))

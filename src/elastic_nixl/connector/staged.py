@@ -1,12 +1,14 @@
 """The staged path as the connector's worker owns it.
 
-A producer whose KV memory the transport cannot export runs a
+A producer whose KV a peer cannot READ at speed (memory UCX cannot export, or
+any GPU memory without active NVLink) runs a
 :class:`~elastic_nixl.staging.server.StagingServer` and advertises its offer in
-the handshake; a consumer reading such a producer hands the read to a
-:class:`~elastic_nixl.staging.reader.StagedReader`. Each runs on a NIXL agent of
-its own, made here. :class:`StagedLink` keeps them, and the reads in flight,
-so the worker only decides *whether* a read is staged and feeds finished
-ones back into vLLM's bookkeeping.
+the handshake; a consumer of such a producer hands the request to a
+:class:`~elastic_nixl.staging.reader.StagedReader`, which grants slots that the
+server fills by WRITE and scatters what arrives. Each runs on a NIXL agent of
+its own, made here. :class:`StagedLink` keeps them, and the staged transfers
+in flight, so the worker only decides *whether* a read is staged and feeds
+finished ones back into vLLM's bookkeeping.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 VMM memory (``cuMemCreate``) is not legacy-CUDA-IPC capable, so UCX's
 ``cuda_ipc`` lane cannot map it into a peer and NIXL silently falls back to
 software emulation over TCP (~0.4 GB/s on H200 against ~200 GB/s for
-``cudaMalloc`` memory, ``../shared/device/RESULTS.md``). Gathering scattered
+``cudaMalloc`` memory, docs/gpu.md). Gathering scattered
 blocks into a registered, exportable buffer runs at ~1.8 TB/s, so staging
 costs a fraction of the link time and also turns per-block descriptors
 (64 KiB for Llama-3-8B) into a few large ones.

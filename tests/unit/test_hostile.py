@@ -45,6 +45,7 @@ from elastic_nixl.staging.protocol import (
     encode,
 )
 from mock_nixl import MockNixlAgent, MockNixlFabric, nixlNotFoundError
+from waiting import wait_until
 
 V, P = 20_000, 64
 
@@ -505,8 +506,15 @@ def test_a_bad_request_fails_alone_and_the_engine_serves_on(make_engine, bad):
     params = {**good, **bad}
     prod.step()
     cons.submit("bad", params, [10, 11, 12, 13])
-    done = step_both(prod, cons)
-    assert "bad" in done  # reported (as failed), not stuck
+    # Reported (as failed), not stuck: at once, or after a refresh's grace for
+    # blocks the producer never registered (connector/refresh.py).
+    done: set[str] = set()
+
+    def reported() -> bool:
+        done.update(step_both(prod, cons, 5))
+        return "bad" in done
+
+    wait_until(reported, timeout_s=30, what="the bad request to be reported")
     assert {10, 11, 12, 13} <= cons.failed_blocks
     # The engine still serves: the next request (and the original one) work.
     cons.failed_blocks.clear()

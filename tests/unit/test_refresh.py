@@ -133,3 +133,25 @@ def test_a_payload_a_request_cannot_judge_fails_that_request_alone():
     assert outcomes["good"].covered
     assert not outcomes["bad"].covered
     assert "region count changed" in (outcomes["bad"].error or "")
+
+
+def test_blocks_missing_from_a_payload_as_new_as_the_request_fail_in_seconds():
+    """Caught up with the request's epoch yet the blocks are not there: they
+    were never registered (a forged block id); the wait ends after the grace,
+    not at the lease deadline."""
+    channel = FakeSideChannel()
+    refresher, done = make(channel)
+    try:
+        refresher.wait_for(
+            RefreshWait(
+                "forged-blocks",
+                "P",
+                lambda fetched: False,
+                deadline=time.monotonic() + 600,
+                caught_up=lambda fetched: True,
+            )
+        )
+        outcome = done.get(timeout=60)
+    finally:
+        refresher.close()
+    assert not outcome.covered

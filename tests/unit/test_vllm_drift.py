@@ -45,7 +45,6 @@ WORKER_INHERITED: dict[str, object] = {
     "start_load_kv": METHOD,
     # state we read
     "_TRANSFER_MODE": str,
-    "_engine_clock_offset": dict,
     "_failed_recv_reqs": queue.Queue,
     "_group_spec_types": tuple,
     "_layer_specs": dict,

@@ -36,7 +36,7 @@ from elastic_nixl.connector.metadata import (
     ElasticAgentMetadata,
     decode_agent_metadata,
 )
-from elastic_nixl.connector.peers import PeerTable, PeerView, fetch_handshake
+from elastic_nixl.connector.peers import PeerTable, PeerView, fetch_handshake_timed
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -123,12 +123,13 @@ class HandshakeWorker(NixlPullConnectorWorker):
         for rank in self.transfer_topo.handshake_target_ranks(
             remote_tp_size, remote_dcp_size
         ):
-            payload = _retry_on_timeout(
-                functools.partial(fetch_handshake, host, port, 0, rank),
+            payload, clock = _retry_on_timeout(
+                functools.partial(fetch_handshake_timed, host, port, 0, rank),
                 deadline,
                 f"{host}:{port}",
             )
             _, meta = decode_agent_metadata(payload, f"{host}:{port}")
+            self.peers.note_clock(expected_engine_id, clock)
             self.peers.stash((expected_engine_id, rank), meta, host, port)
         vllm_handshake = super()._nixl_handshake
 
@@ -260,13 +261,13 @@ class HandshakeWorker(NixlPullConnectorWorker):
         it waits on the network; NIXL is not touched)."""
         view = self.peers.get((engine_id, rank))
         source = f"{view.host}:{view.port}"
-        _, meta = decode_agent_metadata(
-            fetch_handshake(view.host, view.port, 0, rank), source
-        )
+        payload, clock = fetch_handshake_timed(view.host, view.port, 0, rank)
+        _, meta = decode_agent_metadata(payload, source)
         if meta.engine_id != engine_id:
             raise RuntimeError(
                 f"peer at {source} is now engine {meta.engine_id}, expected {engine_id}"
             )
+        self.peers.note_clock(engine_id, clock)
         return meta
 
     def _apply_peer(

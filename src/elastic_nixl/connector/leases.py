@@ -12,15 +12,17 @@ any error, with wrong bytes.
 The rule this module keeps: **a read is reported successful only if it
 completed while the producer still held the blocks.** An elastic producer
 stamps into ``kv_transfer_params`` the end of its lease (its own clock, the
-one vLLM's handshake measures the offset to) and a heartbeat's extension.
+one its side channel reports to a consumer's handshake) and a heartbeat's
+extension.
 The consumer follows its own heartbeats and, when a read completes, checks
 the completion time against the lease it can prove:
 
 * a heartbeat counts only if it left a quarter of an extension before the
   lease it extends would end (delivery on a loaded host takes time; a
   heartbeat arriving after the end extends nothing);
-* the completion must come ``margin`` seconds before the end (the clock
-  offset is measured to within a round trip).
+* the completion must come before the end, read on the latest clock the
+  producer can have (the offset is known to within a side-channel round
+  trip: the consumer takes its upper bound).
 
 The estimate errs one way: a read it accepts finished under the lease; a
 read it refuses may have been fine, and fails alone with a message naming
@@ -34,8 +36,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Seconds a completion must precede the lease's end (clock offset error).
-COMPLETION_MARGIN_S = 1.0
+# Seconds a completion must precede the lease's end: the producer frees
+# blocks on its next step after the end, so a small margin is enough once the
+# clock's uncertainty is accounted for (the caller passes the latest reading).
+COMPLETION_MARGIN_S = 0.01
 
 
 @dataclass

@@ -13,7 +13,9 @@ writes it and the engine thread reads it.
 
 from __future__ import annotations
 
+import math
 import threading
+import time
 from dataclasses import dataclass
 
 import msgspec
@@ -100,18 +102,49 @@ class PeerView:
         )
 
 
-def fetch_handshake(host: str, port: int, pp_rank: int, tp_rank: int) -> bytes:
-    """One ``GET_META`` round trip on vLLM's NIXL side channel; the payload."""
+@dataclass(frozen=True)
+class ClockBounds:
+    """Where a peer's clock stands against ours: at our ``perf_counter`` t its
+    ``perf_counter`` lies in ``[t + lo, t + hi]`` (one side-channel round
+    trip: the peer read its clock between our send and our receive)."""
+
+    lo: float
+    hi: float
+
+    @property
+    def width(self) -> float:
+        return self.hi - self.lo
+
+
+def fetch_handshake_timed(
+    host: str, port: int, pp_rank: int, tp_rank: int
+) -> tuple[bytes, ClockBounds | None]:
+    """One ``GET_META`` round trip on vLLM's NIXL side channel: the payload,
+    and the peer's clock against ours if it sent it (vLLM's listener does)."""
     path = make_zmq_path("tcp", host, port)
     with zmq_ctx(zmq.REQ, path) as sock:
         sock.setsockopt(zmq.RCVTIMEO, HANDSHAKE_TIMEOUT_MS)
+        sent = time.perf_counter()
         sock.send(msgspec.msgpack.encode((GET_META_MSG, pp_rank, tp_rank)))
         parts = sock.recv_multipart()
+        received = time.perf_counter()
     if len(parts) != 2:
         raise ValueError(
             f"NIXL side channel {host}:{port} answered {len(parts)} frames, expected 2"
         )
-    return bytes(parts[0])
+    bounds = None
+    try:
+        remote = msgspec.msgpack.decode(parts[1])
+    except msgspec.DecodeError:
+        remote = None
+    if isinstance(remote, float) and math.isfinite(remote):
+        bounds = ClockBounds(remote - received, remote - sent)
+    return bytes(parts[0]), bounds
+
+
+def fetch_handshake(host: str, port: int, pp_rank: int, tp_rank: int) -> bytes:
+    """One ``GET_META`` round trip on vLLM's NIXL side channel; the payload."""
+    return fetch_handshake_timed(host, port, pp_rank, tp_rank)[0]
 
 
 class PeerTable:
@@ -125,6 +158,21 @@ class PeerTable:
         self._lock = threading.Lock()
         self._views: dict[PeerKey, PeerView] = {}
         self._fetched: dict[PeerKey, tuple[ElasticAgentMetadata, str, int]] = {}
+        self._clocks: dict[EngineId, ClockBounds] = {}
+
+    def note_clock(self, engine_id: EngineId, bounds: ClockBounds | None) -> None:
+        """Keep the tightest bounds seen on ``engine_id``'s clock."""
+        if bounds is None:
+            return
+        with self._lock:
+            known = self._clocks.get(engine_id)
+            if known is None or bounds.width < known.width:
+                self._clocks[engine_id] = bounds
+
+    def clock(self, engine_id: EngineId) -> ClockBounds | None:
+        """Bounds on ``engine_id``'s clock against ours, if measured."""
+        with self._lock:
+            return self._clocks.get(engine_id)
 
     def stash(
         self, key: PeerKey, meta: ElasticAgentMetadata, host: str, port: int
@@ -164,3 +212,4 @@ class PeerTable:
         with self._lock:
             for key in [k for k in self._views if k[0] == engine_id]:
                 del self._views[key]
+            self._clocks.pop(engine_id, None)

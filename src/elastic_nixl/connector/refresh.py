@@ -26,6 +26,9 @@ The rules, and why:
   ``kv_lease_duration`` after it began to wait: past it the producer may have
   released the blocks anyway), and its read is then refused naming the
   blocks. A slow producer never fails a request that could still be read.
+  Once a payload is as new as the request's epoch says and still lacks the
+  blocks, they get ``COVER_GRACE_S`` more (a producer step or two), so a
+  request naming blocks that were never registered fails in seconds.
 * **Applied on the engine thread.** The refresher only fetches and decodes;
   the worker hands NIXL the new payload on its own thread before it reads.
 """
@@ -47,6 +50,9 @@ Fetched = list[tuple[int, Payload]]  # (remote rank, payload) for every rank
 
 FIRST_RETRY_S = 0.005
 MAX_RETRY_S = 0.5
+# How long blocks may still be missing from a payload as new as the request
+# says: the producer publishes with its step's output, a step or two later.
+COVER_GRACE_S = 2.0
 
 
 @dataclass
@@ -58,12 +64,16 @@ class RefreshWait(Generic[Payload]):
         engine_id: the producer.
         covers: whether the payloads fetched for every rank cover the read.
         deadline: monotonic time after which the request stops waiting.
+        caught_up: whether the payloads are as new as the request says its
+            producer was (its epoch): from then on the blocks are given
+            ``COVER_GRACE_S`` more to appear, not the whole deadline.
     """
 
     req_id: str
     engine_id: str
     covers: Callable[[Fetched[Payload]], bool]
     deadline: float
+    caught_up: Callable[[Fetched[Payload]], bool] = lambda fetched: False
     attempts: int = field(default=0)
 
 
@@ -172,6 +182,8 @@ class PeerRefresher(Generic[Payload]):
                 if fetched is not None:
                     try:
                         covered = w.covers(fetched)
+                        if not covered and w.caught_up(fetched):
+                            w.deadline = min(w.deadline, now + COVER_GRACE_S)
                     except Exception as e:  # noqa: BLE001 - this request alone
                         why = f"{type(e).__name__}: {e}"
                         w.deadline = now  # a payload it cannot judge: stop

@@ -78,6 +78,7 @@ from elastic_nixl.connector.pool_worker import (
     agent_without_progress_thread,
 )
 from elastic_nixl.connector.refresh import (
+    COVER_GRACE_S,
     PeerRefresher,
     RefreshOutcome,
     RefreshWait,
@@ -594,9 +595,11 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
                     self._read_leases.heartbeat(eid, remote_id, sent_at)
 
     def _producer_clock(self, engine_id: EngineId) -> float | None:
-        """``engine_id``'s clock now (the offset vLLM's handshake measured)."""
-        offset = self._engine_clock_offset.get(engine_id)
-        return None if offset is None else time.perf_counter() + offset
+        """The latest ``engine_id``'s clock can read now: our clock plus the
+        upper bound our side-channel round trips put on its offset (judging a
+        read late errs towards refusing)."""
+        bounds = self.peers.clock(engine_id)
+        return None if bounds is None else time.perf_counter() + bounds.hi
 
     def _read_was_late(self, req_id: str) -> str | None:
         """Why a completed read of ``req_id`` cannot be trusted, if it cannot:
@@ -708,6 +711,11 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
                 for _, m in fetched
             )
 
+        needed = self._required_epochs.get(req_id, 0)
+
+        def caught_up(fetched: list[tuple[int, ElasticAgentMetadata]]) -> bool:
+            return all((m.elastic_epoch or 0) >= needed for _, m in fetched)
+
         self._refresh_metas[req_id] = meta
         self._refresher.wait_for(
             RefreshWait(
@@ -715,6 +723,7 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
                 engine_id,
                 covers,
                 deadline=time.monotonic() + self._refresh_deadline_s,
+                caught_up=caught_up,
             )
         )
 
@@ -733,8 +742,10 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
                 req_id=outcome.req_id,
                 msg=(
                     f"engine {outcome.engine_id} did not advertise the request's "
-                    f"blocks within {self._refresh_deadline_s:.0f} s "
-                    f"(kv_lease_duration; {outcome.attempts} fetch(es)): {why}"
+                    f"blocks ({outcome.attempts} fetch(es); the wait is "
+                    f"{COVER_GRACE_S:g} s once the producer is as new as the "
+                    "request's epoch, at most kv_lease_duration = "
+                    f"{self._refresh_deadline_s:g} s): {why}"
                 ),
                 meta=meta,
             )
@@ -919,7 +930,7 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
             # Requests aborted before their read: forget their leases.
             clocks = {
                 eid: t
-                for eid in self._engine_clock_offset
+                for eid in self._remote_agents
                 if (t := self._producer_clock(eid)) is not None
             }
             self._read_leases.prune(clocks, older_than_s=600.0)

@@ -116,7 +116,8 @@ WORKER_OURS = {
     "_producer_clock",
     "_read_leases",
     "_read_was_late",
-    "_refresh_deadline_s",
+    "_fetched_lock",
+    "_note_heartbeats",
     "_refresh_metas",
     "_refresher",
     "apply_pool_changes",
@@ -224,6 +225,7 @@ def self_names(classes: list[tuple[str, str]]) -> set[str]:
 # Our classes over vLLM's: the worker stacks the handshake layer under it.
 WORKER_CLASSES = [
     ("connector/handshake.py", "HandshakeWorker"),
+    ("connector/reading.py", "ReadingWorker"),
     ("connector/worker.py", "ElasticNixlConnectorWorker"),
 ]
 SCHEDULER_CLASSES = [("connector/scheduler.py", "ElasticNixlConnectorScheduler")]

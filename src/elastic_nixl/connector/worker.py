@@ -25,7 +25,6 @@ memory changes the answer:
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -58,8 +57,8 @@ from elastic_nixl.capabilities import (
 )
 from elastic_nixl.compat import check_expandable_segments
 from elastic_nixl.config import ElasticNixlSettings, TransferPath
-from elastic_nixl.connector.handshake import PER_REQUEST_HANDLE, HandshakeWorker
-from elastic_nixl.connector.leases import ReadLease, ReadLeases
+from elastic_nixl.connector.handshake import PER_REQUEST_HANDLE
+from elastic_nixl.connector.leases import ReadLease
 from elastic_nixl.connector.metadata import (
     ElasticAgentMetadata,
     ElasticConnectorMetadata,
@@ -77,12 +76,7 @@ from elastic_nixl.connector.pool_worker import (
     PoolApplier,
     agent_without_progress_thread,
 )
-from elastic_nixl.connector.refresh import (
-    COVER_GRACE_S,
-    PeerRefresher,
-    RefreshOutcome,
-    RefreshWait,
-)
+from elastic_nixl.connector.reading import ReadingWorker
 from elastic_nixl.connector.regions import (
     SHARED_GROUP,
     LayerView,
@@ -106,7 +100,7 @@ if TYPE_CHECKING:
 logger = init_logger(__name__)
 
 
-class ElasticNixlConnectorWorker(HandshakeWorker):
+class ElasticNixlConnectorWorker(ReadingWorker):
     """NixlPullConnectorWorker for KV memory that grows and shrinks."""
 
     def __init__(
@@ -133,7 +127,6 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
             )
         self.settings = settings
         self.memory: KVMemory | None = None
-        self.elastic_stats = ElasticStats()
         # vLLM's transfer stats plus the elastic pool's (connector/stats.py).
         self.xfer_stats = pool_stats = ElasticKVConnectorStats()
         self._pool = PoolApplier(kv_cache_config, settings.chunk_bytes, pool_stats)
@@ -146,30 +139,9 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
         self._reported_epoch = -1
         self._handshake_stale = False
         self._extent_index: tuple[int, ExtentIndex] | None = None
-        self._required_epochs: dict[str, int] = {}
-        # Consumer: requests the scheduler refused (bad kv_transfer_params),
-        # requests already refreshed for once, and peer metadata fetched for
-        # a refresh, waiting to be applied on the engine thread.
+        # Consumer: requests the scheduler refused (bad kv_transfer_params).
         self._refused_reads: dict[str, str] = {}
-        self._refreshed_for: set[str] = set()
-        self._fetched_for_refresh: dict[EngineId, list[tuple[int, Any]]] = {}
-        # Waits for a producer's newer payload run on our own thread, never on
-        # vLLM's handshake executor, for as long as the producer's lease may
-        # still hold the blocks (connector/refresh.py).
-        self._refresh_deadline_s = float(
-            vllm_config.kv_transfer_config.get_from_extra_config(
-                "kv_lease_duration", 30
-            )
-            if vllm_config.kv_transfer_config is not None
-            else 30
-        )
-        self._refresh_metas: dict[str, ReqMeta] = {}
-        self._refresher: PeerRefresher[ElasticAgentMetadata] = PeerRefresher(
-            self._fetch_peer, self.peers.ranks, self._on_refreshed
-        )
         self._send_leases: dict[str, Lease] = {}
-        # Consumer: the producers' holds on the blocks of requests to read.
-        self._read_leases = ReadLeases()
         self._recv_leases: dict[str, Lease] = {}
         # Staged path: our own NIXL agents, each driven by its own thread.
         self.staged = StagedLink(
@@ -588,37 +560,7 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
             if eid in self._remote_agents
         ]
         super().start_load_kv(metadata)
-        for eid, remote_ids in beating:
-            sent_at = self._producer_clock(eid)
-            if sent_at is not None:
-                for remote_id in remote_ids:
-                    self._read_leases.heartbeat(eid, remote_id, sent_at)
-
-    def _producer_clock(self, engine_id: EngineId) -> float | None:
-        """The latest ``engine_id``'s clock can read now: our clock plus the
-        upper bound our side-channel round trips put on its offset (judging a
-        read late errs towards refusing)."""
-        bounds = self.peers.clock(engine_id)
-        return None if bounds is None else time.perf_counter() + bounds.hi
-
-    def _read_was_late(self, req_id: str) -> str | None:
-        """Why a completed read of ``req_id`` cannot be trusted, if it cannot:
-        it completed after the producer's hold on the blocks ended."""
-        tracked = self._read_leases.get(req_id)
-        self._read_leases.forget(req_id)
-        if tracked is None:
-            return None  # vLLM's NixlConnector as producer: vLLM's semantics
-        engine_id, lease = tracked
-        now = self._producer_clock(engine_id)
-        if now is None or lease.held_at(now):
-            return None
-        return (
-            f"the read completed {now - lease.expiry:+.1f} s from the end of engine "
-            f"{engine_id}'s hold on the request's KV blocks (kv_lease_duration, "
-            "extended by heartbeats): the producer may have freed them, so the KV "
-            "is not trusted. Raise kv_lease_duration in the producer's "
-            "kv_connector_extra_config, or give the engines more CPU"
-        )
+        self._note_heartbeats(beating)
 
     def _lease_for_send(self, req_id: str, block_ids: list[int]) -> None:
         if self.memory is None or not self.elastic or not block_ids:
@@ -673,101 +615,6 @@ class ElasticNixlConnectorWorker(HandshakeWorker):
                 meta=meta,
             )
             self._failed_recv_reqs.put(req_id)
-
-    def _remote_blocks_unknown(
-        self, view: PeerView, meta: ReqMeta, *, beyond_capacity_raises: bool = False
-    ) -> bool:
-        """Whether the request names remote blocks outside what we know the peer
-        registered: our metadata may be stale, so refresh before refusing.
-        Blocks beyond the peer's capacity can never be registered: with
-        ``beyond_capacity_raises`` that ends a wait at once (ValueError)."""
-        assert meta.remote is not None
-        groups = self.dst_region_group_ids.get(meta.remote.engine_id) or [0]
-        for i, g in enumerate(view.regions):
-            gid = groups[i] if i < len(groups) else 0
-            if gid >= len(meta.remote.block_ids):
-                continue
-            ids = np.asarray(meta.remote.block_ids[gid], dtype=np.int64)
-            if not len(ids):
-                continue
-            if g.out_of_range(ids).any():
-                if beyond_capacity_raises:
-                    raise ValueError("blocks beyond the producer's capacity")
-                return True  # beyond its capacity: the read will be refused
-            if view.extents.uncovered(g.base + ids * g.block_stride, g.block_len).any():
-                return True
-        return False
-
-    def _refresh_then_read(
-        self, req_id: str, meta: ReqMeta, engine_id: EngineId
-    ) -> None:
-        """Wait, on the refresher's thread, until the producer's payload covers
-        this read (:mod:`.refresh`), then queue the read; the engine thread
-        applies what was fetched before it reads (:meth:`_apply_fetched`)."""
-
-        def covers(fetched: list[tuple[int, ElasticAgentMetadata]]) -> bool:
-            return not any(
-                self._remote_blocks_unknown(PeerView.from_metadata(m, "", "", 0), meta)
-                for _, m in fetched
-            )
-
-        needed = self._required_epochs.get(req_id, 0)
-
-        def caught_up(fetched: list[tuple[int, ElasticAgentMetadata]]) -> bool:
-            return all((m.elastic_epoch or 0) >= needed for _, m in fetched)
-
-        self._refresh_metas[req_id] = meta
-        self._refresher.wait_for(
-            RefreshWait(
-                req_id,
-                engine_id,
-                covers,
-                deadline=time.monotonic() + self._refresh_deadline_s,
-                caught_up=caught_up,
-            )
-        )
-
-    def _on_refreshed(self, outcome: RefreshOutcome[ElasticAgentMetadata]) -> None:
-        """The refresher's thread: keep what was fetched, queue the read."""
-        meta = self._refresh_metas.pop(outcome.req_id, None)
-        if meta is None:
-            return
-        if outcome.fetched is not None:
-            with self._reg_lock:
-                self._fetched_for_refresh[outcome.engine_id] = outcome.fetched
-        if not outcome.covered:
-            why = outcome.error or "its payload still lacks them"
-            self._log_failure(
-                failure_type="elastic_refresh_failed",
-                req_id=outcome.req_id,
-                msg=(
-                    f"engine {outcome.engine_id} did not advertise the request's "
-                    f"blocks ({outcome.attempts} fetch(es); the wait is "
-                    f"{COVER_GRACE_S:g} s once the producer is as new as the "
-                    "request's epoch, at most kv_lease_duration = "
-                    f"{self._refresh_deadline_s:g} s): {why}"
-                ),
-                meta=meta,
-            )
-        # Read either way: a read that still names unknown blocks is refused
-        # in _read_blocks with a message naming them.
-        self._ready_requests.put((outcome.req_id, meta))
-
-    def _apply_fetched(self, engine_id: EngineId) -> None:
-        with self._reg_lock:
-            fetched = self._fetched_for_refresh.pop(engine_id, None)
-        if not fetched:
-            return
-        idle = not any(
-            handles
-            and (m := self._recving_metadata.get(r)) is not None
-            and m.remote is not None
-            and m.remote.engine_id == engine_id
-            for r, handles in self._recving_transfers.items()
-        )
-        for rank, peer_meta in fetched:
-            self._apply_peer(engine_id, rank, peer_meta, idle=idle)
-            self.elastic_stats.refreshes += 1
 
     def _read_blocks(
         self,

@@ -37,7 +37,7 @@ def test_the_table_follows_heartbeats_by_the_producers_request_id():
     leases.track("d-2", "P", "p-2", ReadLease(30.0, 20.0))
     leases.heartbeat("P", "p-1", 20.0)
     leases.heartbeat("Q", "p-2", 20.0)  # another engine's request: ignored
-    assert leases.get("d-1") == ("P", ReadLease(40.0, 20.0))
+    assert leases.get("d-1") == ("P", ReadLease(40.0, 20.0, heartbeats=1))
     assert leases.get("d-2") == ("P", ReadLease(30.0, 20.0))
     leases.forget("d-1")
     leases.heartbeat("P", "p-1", 25.0)

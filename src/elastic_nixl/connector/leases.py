@@ -20,9 +20,9 @@ the completion time against the lease it can prove:
 * a heartbeat counts only if it left a quarter of an extension before the
   lease it extends would end (delivery on a loaded host takes time; a
   heartbeat arriving after the end extends nothing);
-* the completion must come before the end, read on the latest clock the
-  producer can have (the offset is known to within a side-channel round
-  trip: the consumer takes its upper bound).
+* the completion must come before the end, on the producer's clock as the
+  consumer's side-channel round trips place it (the middle of the tightest
+  bounds, plus half their width, at most ``MAX_CLOCK_ERROR_S``).
 
 The estimate errs one way: a read it accepts finished under the lease; a
 read it refuses may have been fine, and fails alone with a message naming
@@ -40,6 +40,10 @@ from dataclasses import dataclass
 # blocks on its next step after the end, so a small margin is enough once the
 # clock's uncertainty is accounted for (the caller passes the latest reading).
 COMPLETION_MARGIN_S = 0.01
+# The most clock uncertainty a check adds to a completion time: round trips
+# measured while a host is loaded can be seconds wide; on one host the clocks
+# are the same and the middle of the bounds is exact.
+MAX_CLOCK_ERROR_S = 1.0
 
 
 @dataclass
@@ -53,11 +57,13 @@ class ReadLease:
 
     expiry: float
     extension: float
+    heartbeats: int = 0
 
     def heartbeat(self, sent_at: float) -> None:
         """A heartbeat sent at ``sent_at`` (producer's clock)."""
         if sent_at + self.extension / 4 < self.expiry:
             self.expiry = max(self.expiry, sent_at + self.extension)
+            self.heartbeats += 1
 
     def held_at(self, completed_at: float, margin: float = COMPLETION_MARGIN_S) -> bool:
         """Whether a read completed at ``completed_at`` finished under the hold."""

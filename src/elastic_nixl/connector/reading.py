@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from vllm.distributed.kv_transfer.kv_connector.utils import EngineId
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import ReqMeta
+from vllm.logger import init_logger
 
 from elastic_nixl.connector.handshake import HandshakeWorker
-from elastic_nixl.connector.leases import ReadLeases
+from elastic_nixl.connector.leases import MAX_CLOCK_ERROR_S, ReadLeases
 from elastic_nixl.connector.metadata import ElasticAgentMetadata
 from elastic_nixl.connector.peers import PeerView
 from elastic_nixl.connector.refresh import (
@@ -38,6 +39,9 @@ from elastic_nixl.connector.stats import ElasticStats
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
+
+
+logger = init_logger(__name__)
 
 
 class ReadingWorker(HandshakeWorker):
@@ -65,17 +69,19 @@ class ReadingWorker(HandshakeWorker):
     def _note_heartbeats(self, beating: list[tuple[EngineId, list[str]]]) -> None:
         """vLLM just sent heartbeats for these producers' request ids."""
         for eid, remote_ids in beating:
-            sent_at = self._producer_clock(eid)
-            if sent_at is not None:
+            clock = self._producer_clock(eid)
+            if clock is not None:
                 for remote_id in remote_ids:
-                    self._read_leases.heartbeat(eid, remote_id, sent_at)
+                    self._read_leases.heartbeat(eid, remote_id, clock[0])
 
-    def _producer_clock(self, engine_id: EngineId) -> float | None:
-        """The latest ``engine_id``'s clock can read now: our clock plus the
-        upper bound our side-channel round trips put on its offset (judging a
-        read late errs towards refusing)."""
+    def _producer_clock(self, engine_id: EngineId) -> tuple[float, float] | None:
+        """``engine_id``'s clock now, and how far off that reading may be: the
+        middle and half the width of the tightest bounds our side-channel
+        round trips put on its offset (as vLLM's handshake estimates it)."""
         bounds = self.peers.clock(engine_id)
-        return None if bounds is None else time.perf_counter() + bounds.hi
+        if bounds is None:
+            return None
+        return time.perf_counter() + (bounds.lo + bounds.hi) / 2, bounds.width / 2
 
     def _read_was_late(self, req_id: str) -> str | None:
         """Why a completed read of ``req_id`` cannot be trusted, if it cannot:
@@ -85,14 +91,18 @@ class ReadingWorker(HandshakeWorker):
         if tracked is None:
             return None  # vLLM's NixlConnector as producer: vLLM's semantics
         engine_id, lease = tracked
-        now = self._producer_clock(engine_id)
-        if now is None or lease.held_at(now):
+        clock = self._producer_clock(engine_id)
+        if clock is None:
+            return None
+        now, error = clock
+        if lease.held_at(now + min(error, MAX_CLOCK_ERROR_S)):
             return None
         return (
             f"the read completed {now - lease.expiry:+.1f} s from the end of engine "
             f"{engine_id}'s hold on the request's KV blocks (kv_lease_duration, "
-            "extended by heartbeats): the producer may have freed them, so the KV "
-            "is not trusted. Raise kv_lease_duration in the producer's "
+            f"extended by {lease.heartbeats} heartbeat(s); clock offset known to "
+            f"+-{error:.3f} s): the producer may have freed them, so the KV is not "
+            "trusted. Raise kv_lease_duration in the producer's "
             "kv_connector_extra_config, or give the engines more CPU"
         )
 
@@ -157,6 +167,18 @@ class ReadingWorker(HandshakeWorker):
         if outcome.fetched is not None:
             with self._fetched_lock:
                 self._fetched_for_refresh[outcome.engine_id] = outcome.fetched
+        if outcome.attempts > 1:
+            # A producer slow to answer or to publish: say what the wait saw.
+            logger.info(
+                "ElasticNixlConnector: request %s waited %.2f s for engine %s's "
+                "registrations (%d fetches%s; before: %s)",
+                outcome.req_id,
+                outcome.waited_s,
+                outcome.engine_id,
+                outcome.attempts,
+                ", covered" if outcome.covered else "",
+                "; ".join(outcome.seen) or "-",
+            )
         if not outcome.covered:
             why = outcome.error or "its payload still lacks them"
             self._log_failure(

@@ -75,6 +75,9 @@ class RefreshWait(Generic[Payload]):
     deadline: float
     caught_up: Callable[[Fetched[Payload]], bool] = lambda fetched: False
     attempts: int = field(default=0)
+    started: float = field(default=0.0)
+    # What the fetches that did not cover it found (the last few).
+    seen: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,8 @@ class RefreshOutcome(Generic[Payload]):
     covered: bool
     attempts: int
     error: str | None
+    waited_s: float = 0.0
+    seen: tuple[str, ...] = ()
 
 
 class PeerRefresher(Generic[Payload]):
@@ -124,6 +129,7 @@ class PeerRefresher(Generic[Payload]):
         with self._cond:
             if self._closed:
                 raise RuntimeError("the refresher is closed")
+            wait.started = self._clock()
             self._waits.append(wait)
             self._cond.notify()
 
@@ -187,6 +193,8 @@ class PeerRefresher(Generic[Payload]):
                     except Exception as e:  # noqa: BLE001 - this request alone
                         why = f"{type(e).__name__}: {e}"
                         w.deadline = now  # a payload it cannot judge: stop
+                if not covered:
+                    w.seen = [*w.seen[-3:], why or "not covered"]
                 if covered or now >= w.deadline:
                     finished.append(w)
                     self._finish(w, fetched, covered, None if covered else why)
@@ -200,7 +208,14 @@ class PeerRefresher(Generic[Payload]):
         error: str | None,
     ) -> None:
         outcome = RefreshOutcome(
-            wait.req_id, wait.engine_id, fetched, covered, wait.attempts, error
+            wait.req_id,
+            wait.engine_id,
+            fetched,
+            covered,
+            wait.attempts,
+            error,
+            waited_s=self._clock() - wait.started,
+            seen=tuple(wait.seen),
         )
         try:
             self._on_done(outcome)

@@ -776,9 +776,9 @@ class ElasticNixlConnectorWorker(ReadingWorker):
         if len(self._read_leases):
             # Requests aborted before their read: forget their leases.
             clocks = {
-                eid: t
+                eid: clock[0]
                 for eid in self._remote_agents
-                if (t := self._producer_clock(eid)) is not None
+                if (clock := self._producer_clock(eid)) is not None
             }
             self._read_leases.prune(clocks, older_than_s=600.0)
         for req_id in results.finished_sending:

@@ -17,7 +17,8 @@ Two entry points:
   package reaches into a vLLM module; ``tests/unit/test_vllm_seam.py`` fails
   when vLLM stops calling the function by that name inside the context.
 
-vLLM 0.32 allocates the KV cache in ``vllm/v1/worker/utils.py:allocate_kv_cache``:
+vLLM 0.32 and 0.33 allocate the KV cache in
+``vllm/v1/worker/utils.py:allocate_kv_cache``:
 one flat int8 buffer, then per-layer ``create_kv_cache_views`` in the resolved
 layout. An elastic KV cache needs the same views over a *virtual* buffer of
 ``V`` blocks, so this module rebuilds the placement for ``V`` blocks with
@@ -37,7 +38,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
 from vllm.v1.kv_cache_interface import (
     KVCacheConfig,
     KVCacheTensor,
@@ -49,6 +49,7 @@ from elastic_nixl.allocator.backend import MemoryBackend
 from elastic_nixl.allocator.core import VmmKVAllocator
 from elastic_nixl.allocator.geometry import BlockGeometry
 from elastic_nixl.config import settings_from_vllm_config
+from elastic_nixl.releases import get_kv_cache_config_from_groups
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig

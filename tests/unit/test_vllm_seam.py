@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from elastic_nixl.allocator.host import HostBackend
+from elastic_nixl.releases import get_kv_cache_config_from_groups
 from elastic_nixl.tools.harness.vllm_objects import (
     make_kv_cache_config,
     make_vllm_config,
@@ -14,7 +15,6 @@ from elastic_nixl.vllm_seam import aligned_virtual_blocks, allocate_elastic_kv_c
 
 
 def test_vllm_functions_we_call_keep_their_shape():
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
     from vllm.v1.kv_cache_interface import KVCacheTensor, create_kv_cache_views
 
     assert list(inspect.signature(create_kv_cache_views).parameters)[:5] == [

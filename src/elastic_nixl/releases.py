@@ -1,0 +1,84 @@
+"""What differs between the vLLM releases elastic_nixl supports, found by feature.
+
+The connector subclasses vLLM's NIXL internals; where those differ between
+supported releases (see ``compat.SUPPORTED_VLLM``), the difference is detected
+here, once, by what the installed vLLM has, never by its version string:
+
+* ``get_kv_cache_config_from_groups`` (vLLM's KV placement) lives in
+  ``vllm.v1.core.kv_cache_utils`` up to 0.32 and in
+  ``vllm.v1.core.kv_cache_planning`` from 0.33;
+* ``registration_generation`` (0.33, NIXL connector version 15): a producer
+  stamps ``remote_registration_generation`` into ``kv_transfer_params`` and a
+  consumer that sees a newer one tears the peer down and handshakes again.
+  vLLM's scheduler bumps it whenever the served handshake payload changes;
+  ours serves a new payload on every mapping epoch, which elastic consumers
+  follow without a re-handshake (``elastic_nixl_epoch``), so it must not bump
+  the generation (see :func:`registration_generation_param`);
+* sleep-mode hooks (0.33: ``supports_sleep_mode``, ``unregister_kv_caches``,
+  ``restore_kv_caches``): vLLM's ``restore`` re-encodes a plain
+  ``NixlAgentMetadata`` and so would drop our fields (staging offer, extents,
+  epoch); ``ElasticNixlConnector`` refuses sleep mode.
+
+Everything here imports vLLM; nothing here patches it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl import (
+    metadata as _nixl_metadata,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import RemoteMeta
+
+try:  # vLLM >= 0.33
+    from vllm.v1.core.kv_cache_planning import (
+        get_kv_cache_config_from_groups as _get_kv_cache_config_from_groups,
+    )
+except ImportError:  # vLLM 0.32
+    from vllm.v1.core.kv_cache_utils import (  # type: ignore[no-redef]
+        get_kv_cache_config_from_groups as _get_kv_cache_config_from_groups,
+    )
+
+get_kv_cache_config_from_groups: Callable[..., Any] = _get_kv_cache_config_from_groups
+"""vLLM's KV placement of cache groups in ``available_memory`` bytes."""
+
+#: ``NIXL_CONNECTOR_VERSION`` of the installed vLLM: engines of different
+#: versions refuse each other's handshakes.
+NIXL_CONNECTOR_VERSION: int = _nixl_metadata.NIXL_CONNECTOR_VERSION
+
+#: The ``kv_transfer_params`` key of the producer's registration generation,
+#: present from NIXL connector version 15.
+REGISTRATION_GENERATION_PARAM = "remote_registration_generation"
+
+#: Whether this vLLM's consumers re-handshake on a newer registration
+#: generation (``RemoteMeta.registration_generation``).
+HAS_REGISTRATION_GENERATION: bool = "registration_generation" in {
+    f.name for f in dataclasses.fields(RemoteMeta)
+}
+
+#: Whether this vLLM asks connectors about sleep mode (and calls
+#: ``unregister_kv_caches`` / ``restore_kv_caches`` around it).
+HAS_SLEEP_MODE_HOOKS: bool = hasattr(KVConnectorBase_V1, "supports_sleep_mode")
+
+
+def registration_generation_param(params: dict[str, Any] | None) -> int | None:
+    """The registration generation a producer put in ``kv_transfer_params``,
+    or None where this vLLM has none."""
+    if not HAS_REGISTRATION_GENERATION or params is None:
+        return None
+    value = params.get(REGISTRATION_GENERATION_PARAM)
+    return value if isinstance(value, int) else None
+
+
+SLEEP_MODE_REFUSAL = (
+    "ElasticNixlConnector does not support sleep mode: vLLM's restore_kv_caches "
+    "re-publishes a plain NixlAgentMetadata, dropping the elastic fields peers "
+    "need (registered extents, mapping epoch, staging offer), and elastic KV "
+    "memory is released and mapped by the connector, not by sleep. Remove "
+    "--enable-sleep-mode (model_config.enable_sleep_mode), or use vLLM's "
+    "NixlConnector for an engine that sleeps."
+)

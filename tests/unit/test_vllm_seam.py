@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from elastic_nixl.allocator.host import HostBackend
+from elastic_nixl.releases import get_kv_cache_config_from_groups
 from elastic_nixl.tools.harness.vllm_objects import (
     make_kv_cache_config,
     make_vllm_config,
@@ -14,7 +15,6 @@ from elastic_nixl.vllm_seam import aligned_virtual_blocks, allocate_elastic_kv_c
 
 
 def test_vllm_functions_we_call_keep_their_shape():
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
     from vllm.v1.kv_cache_interface import KVCacheTensor, create_kv_cache_views
 
     assert list(inspect.signature(create_kv_cache_views).parameters)[:5] == [
@@ -129,3 +129,29 @@ def test_elastic_kv_allocation_maps_only_the_null_block():
         [50, 99]
     ) == [50, 99]
     assert alloc.mapped_bytes < alloc.reservation.nbytes // 4
+
+
+def test_allocation_that_escapes_the_seam_is_named():
+    """vLLM's V2 GPU runner allocates where the rebinding does not reach: the
+    context says so, naming the setting and the fix."""
+    import logging
+
+    from elastic_nixl.vllm_seam import elastic_kv_allocation
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = logging.getLogger("elastic_nixl.vllm_seam")
+    keep = Keep(logging.WARNING)
+    log.addHandler(keep)
+    try:
+        vc = make_vllm_config("kv_producer", extra={"allocator": "vmm"})
+        with elastic_kv_allocation(vc) as made:
+            pass  # vLLM allocated elsewhere
+    finally:
+        log.removeHandler(keep)
+    assert made.cache is None
+    assert any("VLLM_USE_V2_MODEL_RUNNER=0" in r.getMessage() for r in records)

@@ -29,9 +29,11 @@ from elastic_nixl.connector.planning import choose_kv_layout
 from elastic_nixl.connector.scheduler import ElasticNixlConnectorScheduler
 from elastic_nixl.connector.stats import ElasticKVConnectorStats, ElasticPromMetrics
 from elastic_nixl.connector.worker import ElasticNixlConnectorWorker
+from elastic_nixl.releases import SLEEP_MODE_REFUSAL
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
+    from vllm.config.kv_transfer import KVTransferConfig
     from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
         KVConnectorStats,
     )
@@ -115,6 +117,23 @@ class ElasticNixlConnector(NixlPullConnector):
         if isinstance(worker, ElasticNixlConnectorWorker):
             return worker.build_worker_meta()
         return None
+
+    # ------------------------------------------------------ sleep mode (0.33+)
+
+    @classmethod
+    def supports_sleep_mode(cls, kv_transfer_config: KVTransferConfig) -> bool:
+        """No: vLLM (>= 0.33) then refuses ``enable_sleep_mode`` with this
+        connector at config time (see :data:`~elastic_nixl.releases.SLEEP_MODE_REFUSAL`
+        for why). Older vLLM never asks."""
+        return False
+
+    def unregister_kv_caches(self) -> None:
+        """Never reached (sleep mode is refused); fails loudly if it is."""
+        raise NotImplementedError(SLEEP_MODE_REFUSAL)
+
+    def restore_kv_caches(self) -> None:
+        """Never reached (sleep mode is refused); fails loudly if it is."""
+        raise NotImplementedError(SLEEP_MODE_REFUSAL)
 
     # ------------------------------------------------------ allocator: vmm
 

@@ -180,6 +180,9 @@ class ConsumerParams(msgspec.Struct, forbid_unknown_fields=False):
     pp_size: _Size = 1
     remote_num_tokens: Annotated[int, msgspec.Meta(ge=0, le=1 << 40)] | None = None
     remote_blocks_expiry_time: float | None = None
+    # vLLM >= 0.33 (NIXL connector version 15): compared with ``<`` by vLLM's
+    # consumer, so anything but a non-negative integer would fail there.
+    remote_registration_generation: Epoch | None = None
     elastic_nixl_epoch: Epoch | None = None
     elastic_nixl_lease_expiry: _Clock | None = None
     elastic_nixl_lease_extension: _Clock | None = None

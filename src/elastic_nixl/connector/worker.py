@@ -90,7 +90,7 @@ from elastic_nixl.connector.staged import AgentFactory, StagedLink, region_views
 from elastic_nixl.connector.stats import ElasticKVConnectorStats, ElasticStats
 from elastic_nixl.memory.cuda import cuda_ipc_read_available
 from elastic_nixl.memory.resolve import resolve_kv_memory
-from elastic_nixl.runs import Runs
+from elastic_nixl.releases import vanilla_peer_coverage  # vllm-release
 from elastic_nixl.staging.reader import StagedRead
 
 if TYPE_CHECKING:
@@ -379,7 +379,8 @@ class ElasticNixlConnectorWorker(ReadingWorker):
         assert self.memory is not None and self.compat_hash is not None
         self._handshake_stale = False
         extents = self._registrar.spans
-        prefix = mapped_prefix_blocks(self._regions, Runs.from_spans(extents).spans())
+        # vllm-release: what a vanilla peer of this vLLM can address (releases.py)
+        prefix = mapped_prefix_blocks(self._regions, vanilla_peer_coverage(extents))
         self.region_num_blocks = [prefix] * self.num_regions
         self.num_descs = prefix * self.num_regions
         self.dst_num_blocks[self.engine_id] = prefix

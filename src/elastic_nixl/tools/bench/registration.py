@@ -132,8 +132,16 @@ class NixlCounter:
 
 
 def _desc_count(descs: Any) -> int:
+    """Descriptors in a NIXL list, a list of tuples, or an array of rows;
+    strided rows (vLLM >= 0.33: addr, len, dev, stride, count) count each
+    block they describe, so releases compare like for like."""
     count = getattr(descs, "descCount", None)
-    return int(count()) if count is not None else len(descs)
+    if count is not None:
+        return int(count())
+    shape = getattr(descs, "shape", None)
+    if shape is not None and len(shape) == 2 and shape[1] == 5:
+        return int(descs[:, 4].sum())
+    return len(descs)
 
 
 def _desc_bytes(descs: Any) -> int:

@@ -126,8 +126,9 @@ def make_vllm_config(
 
 def make_kv_cache_config(vllm_config: Any, num_blocks: int) -> Any:
     """vLLM's placement of ``num_blocks`` blocks for every attention layer."""
-    from vllm.v1.core.kv_cache_utils import get_kv_cache_config_from_groups
     from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheGroupSpec
+
+    from elastic_nixl.releases import get_kv_cache_config_from_groups
 
     mc = vllm_config.model_config
     spec = FullAttentionSpec(

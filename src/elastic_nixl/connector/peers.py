@@ -142,11 +142,6 @@ def fetch_handshake_timed(
     return bytes(parts[0]), bounds
 
 
-def fetch_handshake(host: str, port: int, pp_rank: int, tp_rank: int) -> bytes:
-    """One ``GET_META`` round trip on vLLM's NIXL side channel; the payload."""
-    return fetch_handshake_timed(host, port, pp_rank, tp_rank)[0]
-
-
 class PeerTable:
     """Peer views by ``(engine id, remote rank)``, safe across threads.
 

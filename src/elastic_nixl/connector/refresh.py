@@ -133,11 +133,6 @@ class PeerRefresher(Generic[Payload]):
             self._waits.append(wait)
             self._cond.notify()
 
-    @property
-    def waiting(self) -> int:
-        with self._cond:
-            return len(self._waits)
-
     def close(self, timeout: float = 5.0) -> None:
         """Stop; requests still waiting get no outcome (the engine is going)."""
         with self._cond:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from elastic_nixl.connector.leases import COMPLETION_MARGIN_S, ReadLease, ReadLeases
+from elastic_nixl.connector.leases import (
+    COMPLETION_MARGIN_S,
+    LeaseVerdicts,
+    ReadLease,
+    ReadLeases,
+)
 
 
 def test_a_read_completing_under_the_lease_is_trusted_and_a_late_one_is_not():
@@ -37,10 +42,26 @@ def test_the_table_follows_heartbeats_by_the_producers_request_id():
     leases.track("d-2", "P", "p-2", ReadLease(30.0, 20.0))
     leases.heartbeat("P", "p-1", 20.0)
     leases.heartbeat("Q", "p-2", 20.0)  # another engine's request: ignored
-    assert leases.get("d-1") == ("P", ReadLease(40.0, 20.0, heartbeats=1))
-    assert leases.get("d-2") == ("P", ReadLease(30.0, 20.0))
+    assert leases.get("d-1") == ("P", "p-1", ReadLease(40.0, 20.0, heartbeats=1))
+    assert leases.get("d-2") == ("P", "p-2", ReadLease(30.0, 20.0))
     leases.forget("d-1")
     leases.heartbeat("P", "p-1", 25.0)
     assert leases.get("d-1") is None and len(leases) == 1
     leases.prune({"P": 1000.0}, older_than_s=600.0)
     assert len(leases) == 0
+
+
+def test_the_producer_answers_for_what_each_rank_released():
+    now = [0.0]
+    book = LeaseVerdicts(keep_s=60.0, clock=lambda: now[0])
+    book.record(0, {"p-1": True, "p-2": False})
+    book.record(1, {"p-1": True})
+    assert book.answer(0, ["p-1", "p-2", "p-3"]) == {"p-1": True, "p-2": False}
+    assert book.answer(1, ["p-1", "p-2"]) == {"p-1": True}  # p-2: still held
+    # A late reader taints the request for good.
+    book.record(0, {"p-2": True})
+    assert book.answer(0, ["p-2"]) == {"p-2": False}
+    # Answers are kept keep_s, then forgotten.
+    now[0] = 61.0
+    book.record(0, {"p-4": True})
+    assert book.answer(0, ["p-1", "p-4"]) == {"p-4": True}

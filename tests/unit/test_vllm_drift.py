@@ -52,6 +52,10 @@ WORKER_INHERITED: dict[str, object] = {
     "_cleanup_remote_engine": METHOD,
     "_nixl_handshake": METHOD,
     "_pop_done_transfers": METHOD,
+    # The producer's lease verdicts (connector/reading.py): notified first,
+    # then the ended holds reaped, in one get_finished.
+    "_get_new_notifs": METHOD,
+    "_reap_expired_send_leases": METHOD,
     "_read_blocks": METHOD,
     "_read_blocks_for_req": METHOD,
     "add_remote_agent": METHOD,
@@ -132,6 +136,16 @@ WORKER_OURS = {
     "_producer_clock",
     "_read_leases",
     "_read_was_late",
+    "_ask_producer",
+    "_fetch_verdicts",
+    "_on_verdicts",
+    "_released",
+    "_take_lease_verdicts",
+    "_verdict_lock",
+    "_verdict_waiter",
+    "_verdicts_asked",
+    "_verdicts_in",
+    "_vouch_for_reads",
     "_fetched_lock",
     "_note_heartbeats",
     "_refresh_metas",
@@ -185,7 +199,6 @@ WORKER_OURS = {
 }
 
 SCHEDULER_INHERITED: dict[str, object] = {
-    "_nixl_handshake_listener": METHOD,
     "build_connector_meta": METHOD,
     "on_new_request": METHOD,
     "request_finished": METHOD,
@@ -204,6 +217,7 @@ SCHEDULER_INHERITED: dict[str, object] = {
 }
 SCHEDULER_OURS = {
     "_read_leases",
+    "_lease_verdicts",
     "_blocks_to_lease",
     "bind_block_pool",
     "pool_policy",

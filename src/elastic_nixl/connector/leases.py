@@ -36,6 +36,10 @@ Plain data, no vLLM: tested alone (``tests/unit/test_leases.py``).
 
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 # Seconds a completion must precede the lease's end: the producer frees
@@ -60,6 +64,9 @@ class ReadLease:
     expiry: float
     extension: float
     heartbeats: int = 0
+    # Whether the producer answers, over its side channel, if it still held
+    # the blocks when the read's notification arrived (:class:`LeaseVerdicts`).
+    answers: bool = False
 
     def heartbeat(self, sent_at: float) -> None:
         """A heartbeat sent at ``sent_at`` (producer's clock)."""
@@ -100,10 +107,9 @@ class ReadLeases:
         if req_id is not None:
             self._by_req[req_id][2].heartbeat(sent_at)
 
-    def get(self, req_id: str) -> tuple[str, ReadLease] | None:
-        """The producer engine and lease of ``req_id``, if tracked."""
-        entry = self._by_req.get(req_id)
-        return None if entry is None else (entry[0], entry[2])
+    def get(self, req_id: str) -> tuple[str, str, ReadLease] | None:
+        """The producer engine, its request id and the lease of ``req_id``."""
+        return self._by_req.get(req_id)
 
     def forget(self, req_id: str) -> None:
         entry = self._by_req.pop(req_id, None)
@@ -120,3 +126,51 @@ class ReadLeases:
             now = engine_clock.get(engine_id)
             if now is not None and lease.expiry + older_than_s < now:
                 self.forget(req_id)
+
+
+class LeaseVerdicts:
+    """The producer's own answer, per request it served: did every consumer's
+    read notification arrive while it still held the blocks (``True``), or
+    did the hold end first (``False``)?
+
+    vLLM's producer processes a step's notifications before it releases the
+    leases that ended, and a READ's notification leaves only after its bytes
+    did: a ``True`` answer proves the bytes were read from held blocks, with
+    no clock involved. A consumer that cannot prove its read in time from the
+    lease alone asks for this answer instead of refusing.
+
+    Kept ``keep_s`` seconds, keyed by the producer's rank and request id;
+    written by the engine thread, read by the side channel's.
+    """
+
+    MAX_ENTRIES = 1 << 16
+
+    def __init__(
+        self, keep_s: float = 600.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._keep_s = keep_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: OrderedDict[tuple[int, str], tuple[bool, float]] = OrderedDict()
+
+    def record(self, rank: int, verdicts: Mapping[str, bool]) -> None:
+        """Rank ``rank`` released these requests: read in time or not. A
+        ``False`` is final (one late reader taints the request)."""
+        now = self._clock()
+        with self._lock:
+            for req_id, held in verdicts.items():
+                key = (rank, req_id)
+                old = self._entries.pop(key, None)
+                self._entries[key] = (held and (old is None or old[0]), now)
+            while self._entries:
+                key, (_, at) = next(iter(self._entries.items()))
+                if at + self._keep_s >= now and len(self._entries) <= self.MAX_ENTRIES:
+                    break
+                del self._entries[key]
+
+    def answer(self, rank: int, req_ids: Iterable[str]) -> dict[str, bool]:
+        """What rank ``rank`` knows of ``req_ids``; a request it has not
+        released yet is absent (ask again)."""
+        with self._lock:
+            found = ((r, self._entries.get((rank, r))) for r in req_ids)
+            return {r: entry[0] for r, entry in found if entry is not None}

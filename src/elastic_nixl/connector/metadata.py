@@ -40,6 +40,8 @@ EPOCH_PARAM = "elastic_nixl_epoch"
 # while the hold lasted (connector/leases.py).
 LEASE_EXPIRY_PARAM = "elastic_nixl_lease_expiry"
 LEASE_EXTENSION_PARAM = "elastic_nixl_lease_extension"
+# The producer answers lease questions on its side channel (side_channel.py).
+LEASE_VERDICTS_PARAM = "elastic_nixl_lease_verdicts"
 
 
 # Bounds: generous for real engines, small enough that address arithmetic
@@ -186,6 +188,7 @@ class ConsumerParams(msgspec.Struct, forbid_unknown_fields=False):
     elastic_nixl_epoch: Epoch | None = None
     elastic_nixl_lease_expiry: _Clock | None = None
     elastic_nixl_lease_extension: _Clock | None = None
+    elastic_nixl_lease_verdicts: bool = False
 
 
 def parse_consumer_params(params: dict[str, Any], req_id: str) -> ConsumerParams:
@@ -203,17 +206,23 @@ def parse_consumer_params(params: dict[str, Any], req_id: str) -> ConsumerParams
 
 @dataclass
 class ElasticWorkerMetadata(KVConnectorWorkerMetadata):
-    """Worker -> scheduler: a new handshake payload after a mapping change."""
+    """Worker -> scheduler: a new handshake payload after a mapping change,
+    and whether the requests a rank released were read in time."""
 
     epoch: int
     # (pp_rank, tp_rank) -> encoded NixlHandshakePayload
     payloads: dict[tuple[int, int], bytes] = field(default_factory=dict)
+    # tp_rank -> {request id: every read notified while held} (leases.py)
+    lease_verdicts: dict[int, dict[str, bool]] = field(default_factory=dict)
 
     def aggregate(self, other: KVConnectorWorkerMetadata) -> ElasticWorkerMetadata:
         assert isinstance(other, ElasticWorkerMetadata)
         merged = dict(self.payloads)
         merged.update(other.payloads)
-        return ElasticWorkerMetadata(max(self.epoch, other.epoch), merged)
+        verdicts = {r: dict(v) for r, v in self.lease_verdicts.items()}
+        for rank, answers in other.lease_verdicts.items():
+            verdicts.setdefault(rank, {}).update(answers)
+        return ElasticWorkerMetadata(max(self.epoch, other.epoch), merged, verdicts)
 
 
 class ElasticConnectorMetadata(NixlConnectorMetadata):
@@ -224,9 +233,9 @@ class ElasticConnectorMetadata(NixlConnectorMetadata):
         # Consumer: the producer epoch each request to receive needs.
         self.required_epochs: dict[str, int] = {}
         # Consumer: (producer engine, its request id, lease end, heartbeat
-        # extension; the producer's clock) of requests that arrived since the
-        # last step (connector/leases.py).
-        self.read_leases: dict[str, tuple[str, str, float, float]] = {}
+        # extension, both in the producer's clock; whether it answers lease
+        # questions) of requests that arrived since the last step (leases.py).
+        self.read_leases: dict[str, tuple[str, str, float, float, bool]] = {}
         # Producer: blocks of requests a consumer will read; pinned mapped.
         self.blocks_to_lease: dict[str, list[int]] = {}
         # Consumer: requests whose kv_transfer_params were refused, and why;

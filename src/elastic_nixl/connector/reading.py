@@ -8,9 +8,14 @@ worker (``worker.py``) that holds the consumer's two waits on a producer:
   the producer register waits, on the refresher's thread, until a fetched
   payload covers them (:mod:`.refresh`); the engine thread then hands NIXL
   the new payload before it reads (:meth:`ReadingWorker._apply_fetched`);
-* **its hold on the blocks**: heartbeats this engine sends are followed, and a
-  read that completes after the producer's hold ended is failed, never
-  reported with freed bytes (:mod:`.leases`, ``docs/leases.md``).
+* **its hold on the blocks**: heartbeats this engine sends are followed; a
+  read the lease cannot vouch for waits, on a second refresher thread, for
+  the producer's own answer (:class:`~.leases.LeaseVerdicts`, asked on its
+  side channel) and fails if the hold ended first: freed bytes are never
+  reported (:mod:`.leases`, ``docs/leases.md``).
+
+The producer's half of the same rule is here too: which requests it released
+after their reads' notifications, and which when their hold ended.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from elastic_nixl.connector.refresh import (
     RefreshOutcome,
     RefreshWait,
 )
+from elastic_nixl.connector.side_channel import fetch_lease_verdicts
 from elastic_nixl.connector.stats import ElasticStats
 
 if TYPE_CHECKING:
@@ -63,8 +69,44 @@ class ReadingWorker(HandshakeWorker):
         self._refresher: PeerRefresher[ElasticAgentMetadata] = PeerRefresher(
             self._fetch_peer, self.peers.ranks, self._on_refreshed
         )
-        # The producers' holds on the blocks of requests to read.
+        # The producers' holds on the blocks of requests to read; reads the
+        # hold cannot vouch for, asking the producer (our request id ->
+        # producer, its request id), and the answers (None: read in time).
         self._read_leases = ReadLeases()
+        self._verdict_lock = threading.Lock()
+        self._verdicts_asked: dict[str, tuple[EngineId, str]] = {}
+        self._verdicts_in: dict[str, str | None] = {}
+        self._verdict_waiter: PeerRefresher[dict[str, bool]] = PeerRefresher(
+            self._fetch_verdicts,
+            self.peers.ranks,
+            self._on_verdicts,
+            name="elastic_nixl_lease_verdicts",
+        )
+        # Producer: requests released since the last step, read in time or not.
+        self._released: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------
+    # The producer's answer: was each released request read while held?
+    # ------------------------------------------------------------------
+
+    def _get_new_notifs(self) -> set[str]:
+        """vLLM's: requests every reader has notified (before any lease of
+        this step is reaped, so these were read while held)."""
+        notified = super()._get_new_notifs()
+        self._released.update(dict.fromkeys(notified, True))
+        return notified
+
+    def _reap_expired_send_leases(self, done_sending: set[str]) -> None:
+        """vLLM's: release requests whose hold ended before every reader
+        notified; any read of them may have found freed bytes."""
+        before = set(done_sending)
+        super()._reap_expired_send_leases(done_sending)
+        self._released.update(dict.fromkeys(done_sending - before, False))
+
+    def _take_lease_verdicts(self) -> dict[str, bool]:
+        """The requests released since the last call (for the scheduler)."""
+        released, self._released = self._released, {}
+        return released
 
     def _note_heartbeats(self, beating: list[tuple[EngineId, list[str]]]) -> None:
         """vLLM just sent heartbeats for these producers' request ids."""
@@ -83,19 +125,125 @@ class ReadingWorker(HandshakeWorker):
             return None
         return time.perf_counter() + (bounds.lo + bounds.hi) / 2, bounds.width / 2
 
+    def _vouch_for_reads(
+        self, done: set[str], holding: dict[str, list[int]]
+    ) -> dict[str, str]:
+        """Of the reads vLLM found complete (``done``), the ones not to trust,
+        and why: removed from ``done``. A read the lease cannot vouch for
+        stays in vLLM's ``holding`` table, out of ``done``, until its
+        producer answers (``_verdict_waiter``); then it is done, or failed."""
+        with self._verdict_lock:
+            answered = {
+                r: self._verdicts_in.pop(r) for r in done & self._verdicts_in.keys()
+            }
+            waiting = done & self._verdicts_asked.keys()
+        untrusted: dict[str, str] = {}
+        for req_id in list(done):
+            if req_id in waiting:
+                done.discard(req_id)
+                holding[req_id] = []  # vLLM looks again next step
+                continue
+            if req_id in answered:
+                why = answered[req_id]
+            else:
+                why = self._read_was_late(req_id)
+                with self._verdict_lock:
+                    asked = (
+                        req_id in self._verdicts_asked or req_id in self._verdicts_in
+                    )
+                if asked:  # the lease could not tell: the producer will
+                    done.discard(req_id)
+                    holding[req_id] = []
+                    continue
+            if why is not None:
+                done.discard(req_id)
+                untrusted[req_id] = why
+        return untrusted
+
+    def _ask_producer(self, req_id: str, engine_id: EngineId, remote_id: str) -> None:
+        """Wait, off the engine thread, for ``engine_id`` to say whether it
+        released ``remote_id`` after the read's notification or before."""
+
+        def answered(fetched: list[tuple[int, dict[str, bool]]]) -> bool:
+            return all(remote_id in answers for _, answers in fetched)
+
+        with self._verdict_lock:
+            self._verdicts_asked[req_id] = (engine_id, remote_id)
+        self._verdict_waiter.wait_for(
+            RefreshWait(
+                req_id,
+                engine_id,
+                answered,
+                deadline=time.monotonic() + 2 * self._handshake_deadline_s,
+            )
+        )
+
+    def _fetch_verdicts(self, engine_id: EngineId, rank: int) -> dict[str, bool]:
+        """One question to ``engine_id``'s rank about every read waiting on it."""
+        with self._verdict_lock:
+            ids = [
+                rid for eid, rid in self._verdicts_asked.values() if eid == engine_id
+            ]
+        view = self.peers.get((engine_id, rank))
+        return fetch_lease_verdicts(view.host, view.port, rank, ids)
+
+    def _on_verdicts(self, outcome: RefreshOutcome[dict[str, bool]]) -> None:
+        """The waiter's thread: the producer's answer, or why there is none."""
+        with self._verdict_lock:
+            engine_id, remote_id = self._verdicts_asked[outcome.req_id]
+        why: str | None
+        if outcome.covered and outcome.fetched is not None:
+            held = all(answers[remote_id] for _, answers in outcome.fetched)
+            why = (
+                None
+                if held
+                else (
+                    f"engine {engine_id} released the request's KV blocks (its "
+                    "kv_lease_duration, extended by heartbeats, ended) before the "
+                    "read's notification reached it: the bytes read are not "
+                    "trusted. Raise kv_lease_duration in the producer's "
+                    "kv_connector_extra_config, or give the engines more CPU"
+                )
+            )
+        else:
+            why = (
+                f"engine {engine_id} did not say in {outcome.waited_s:.1f} s "
+                f"({outcome.attempts} question(s) on its side channel: "
+                f"{outcome.error or 'still holding the blocks'}) whether it still "
+                "held the request's KV blocks when the read ended, and the lease "
+                "could not vouch for it: the bytes read are not trusted"
+            )
+        logger.info(
+            "ElasticNixlConnector: request %s: engine %s says its read %s (%.2f s, "
+            "%d question(s))",
+            outcome.req_id,
+            engine_id,
+            "came in time" if why is None else "is not to be trusted",
+            outcome.waited_s,
+            outcome.attempts,
+        )
+        with self._verdict_lock:
+            del self._verdicts_asked[outcome.req_id]
+            self._verdicts_in[outcome.req_id] = why
+
     def _read_was_late(self, req_id: str) -> str | None:
         """Why a completed read of ``req_id`` cannot be trusted, if it cannot:
-        it completed after the producer's hold on the blocks ended."""
+        it completed after the producer's hold on the blocks ended. When the
+        lease cannot vouch for it and the producer answers, ask it instead
+        (the read then waits; ``None`` here)."""
         tracked = self._read_leases.get(req_id)
         self._read_leases.forget(req_id)
         if tracked is None:
             return None  # vLLM's NixlConnector as producer: vLLM's semantics
-        engine_id, lease = tracked
+        engine_id, remote_id, lease = tracked
         clock = self._producer_clock(engine_id)
         if clock is None:
             return None
         now, error = clock
         if lease.held_at(now + min(error, MAX_CLOCK_ERROR_S)):
+            return None
+        if lease.answers and self.peers.ranks(engine_id):
+            self._ask_producer(req_id, engine_id, remote_id)
             return None
         return (
             f"the read completed {now - lease.expiry:+.1f} s from the end of engine "

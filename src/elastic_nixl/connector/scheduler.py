@@ -35,10 +35,12 @@ from vllm.distributed.kv_transfer.kv_connector.v1.nixl.pull_scheduler import (
 from vllm.logger import init_logger
 
 from elastic_nixl.config import AllocatorChoice, settings_from_vllm_config
+from elastic_nixl.connector.leases import LeaseVerdicts
 from elastic_nixl.connector.metadata import (
     EPOCH_PARAM,
     LEASE_EXPIRY_PARAM,
     LEASE_EXTENSION_PARAM,
+    LEASE_VERDICTS_PARAM,
     ElasticConnectorMetadata,
     ElasticWorkerMetadata,
     parse_consumer_params,
@@ -48,6 +50,7 @@ from elastic_nixl.connector.pool import (
     pool_geometry,
     step_block_ids,
 )
+from elastic_nixl.connector.side_channel import serve_side_channel
 
 if TYPE_CHECKING:
     from vllm.v1.core.block_pool import BlockPool
@@ -92,7 +95,9 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
         # Consumer: validated producer epoch per request, and refusals.
         self._epochs: dict[str, int] = {}
         self._refused: dict[str, str] = {}
-        self._read_leases: dict[str, tuple[str, str, float, float]] = {}
+        self._read_leases: dict[str, tuple[str, str, float, float, bool]] = {}
+        # Producer: whether consumers read released requests in time.
+        self._lease_verdicts = LeaseVerdicts()
         # allocator 'vmm': what is mapped, decided here (see connector/pool.py).
         self.pool_policy: PoolPolicy | None = None
 
@@ -166,6 +171,7 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
                         parsed.remote_request_id,
                         expiry,
                         extension,
+                        parsed.elastic_nixl_lease_verdicts,
                     )
         elif params is not None and not isinstance(params, dict):
             logger.error(
@@ -183,7 +189,8 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
         """Serve ``metadata`` on the side channel, replaceable later.
 
         vLLM's version hands its listener a private copy; ours serves a dict
-        we keep so later payloads (after growth or shrink) replace earlier ones.
+        we keep so later payloads (after growth or shrink) replace earlier ones,
+        and answers lease questions too (:mod:`.side_channel`).
         """
         for key, rank_meta in metadata.items():
             if not isinstance(rank_meta, NixlHandshakePayload):
@@ -199,8 +206,13 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
 
             def listen() -> None:
                 try:
-                    self._nixl_handshake_listener(
-                        self._served_payloads, ready, self._stop_event, host, port
+                    serve_side_channel(
+                        self._served_payloads,
+                        self._lease_verdicts,
+                        ready,
+                        self._stop_event,
+                        host,
+                        port,
                     )
                 except Exception as e:  # noqa: BLE001 - raised by the caller below
                     failed.append(e)
@@ -230,6 +242,8 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
         if isinstance(worker_meta, ElasticWorkerMetadata):
             self._served_payloads.update(worker_meta.payloads)
             self._producer_epoch = max(self._producer_epoch, worker_meta.epoch)
+            for rank, verdicts in worker_meta.lease_verdicts.items():
+                self._lease_verdicts.record(rank, verdicts)
 
     @property
     def producer_epoch(self) -> int:
@@ -293,6 +307,8 @@ class ElasticNixlConnectorScheduler(NixlPullConnectorScheduler):
                 # its side channel reports to a consumer's handshake).
                 params[LEASE_EXPIRY_PARAM] = expiry
                 params[LEASE_EXTENSION_PARAM] = self._kv_lease_duration * 2 // 3
+                # Our side channel says whether the read came in time.
+                params[LEASE_VERDICTS_PARAM] = True
             self._blocks_to_lease[request.request_id] = sorted(
                 {b for group in block_ids for b in group}
             )

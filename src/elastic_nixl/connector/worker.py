@@ -423,19 +423,28 @@ class ElasticNixlConnectorWorker(ReadingWorker):
         )
 
     def build_worker_meta(self) -> ElasticWorkerMetadata | None:
-        """The new handshake payload, once per mapping change, for the scheduler
-        to serve on the side channel and stamp into kv_transfer_params."""
-        if not self.elastic or self.memory is None:
+        """For the scheduler to serve on the side channel: the new handshake
+        payload, once per mapping change, and whether the requests released
+        this step were read in time (:class:`~.leases.LeaseVerdicts`)."""
+        verdicts = self._take_lease_verdicts()
+        payloads: dict[tuple[int, int], bytes] = {}
+        epoch = 0
+        if self.elastic and self.memory is not None:
+            with self._reg_lock:
+                if self._handshake_stale:
+                    self._publish_handshake()
+                epoch = self.memory.epoch
+                if (
+                    epoch != self._reported_epoch
+                    and self.xfer_handshake_metadata is not None
+                ):
+                    self._reported_epoch = epoch
+                    payload = msgspec.msgpack.encode(self.xfer_handshake_metadata)
+                    payloads[(0, self.tp_rank)] = payload
+        if not payloads and not verdicts:
             return None
-        with self._reg_lock:
-            if self._handshake_stale:
-                self._publish_handshake()
-            epoch = self.memory.epoch
-            if epoch == self._reported_epoch or self.xfer_handshake_metadata is None:
-                return None
-            self._reported_epoch = epoch
-            payload = msgspec.msgpack.encode(self.xfer_handshake_metadata)
-        return ElasticWorkerMetadata(epoch, {(0, self.tp_rank): payload})
+        by_rank = {self.tp_rank: verdicts} if verdicts else {}
+        return ElasticWorkerMetadata(epoch, payloads, by_rank)
 
     # ------------------------------------------------------------------
     # Staged path
@@ -527,17 +536,13 @@ class ElasticNixlConnectorWorker(ReadingWorker):
                 transfers[req_id] = []
             done -= reading
             # Never report bytes read after the producer's lease ended.
-            for req_id in list(done):
-                why = self._read_was_late(req_id)
-                if why is not None:
-                    self.elastic_stats.late_reads += 1
-                    self._log_failure(
-                        failure_type="elastic_read_after_lease",
-                        req_id=req_id,
-                        msg=why,
-                    )
-                    self._release_recv_lease(req_id)
-                    failed.add(req_id)  # vLLM: done and failed = failed receive
+            for req_id, why in self._vouch_for_reads(done, transfers).items():
+                self.elastic_stats.late_reads += 1
+                self._log_failure(
+                    failure_type="elastic_read_after_lease", req_id=req_id, msg=why
+                )
+                self._release_recv_lease(req_id)
+                failed.add(req_id)  # vLLM: done and failed = failed receive
         return done, failed
 
     # ------------------------------------------------------------------
@@ -552,8 +557,10 @@ class ElasticNixlConnectorWorker(ReadingWorker):
             self._refused_reads.update(metadata.invalid_params)
             for req_id, block_ids in metadata.blocks_to_lease.items():
                 self._lease_for_send(req_id, block_ids)
-            for req_id, (eid, remote_id, expiry, ext) in metadata.read_leases.items():
-                self._read_leases.track(req_id, eid, remote_id, ReadLease(expiry, ext))
+            for req_id, terms in metadata.read_leases.items():
+                eid, remote_id, expiry, ext, answers = terms
+                lease = ReadLease(expiry, ext, answers=answers)
+                self._read_leases.track(req_id, eid, remote_id, lease)
         # vLLM sends this step's heartbeats to engines it has shaken hands with.
         beating = [
             (eid, list(info.req_ids))
@@ -804,6 +811,7 @@ class ElasticNixlConnectorWorker(ReadingWorker):
             self._unsubscribe()
             self._unsubscribe = None
         self._refresher.close()
+        self._verdict_waiter.close()
         self.staged.close()
         for leases in (self._send_leases, self._recv_leases):
             for lease in leases.values():
